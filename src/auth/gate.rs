@@ -1,0 +1,217 @@
+//! The request gate: one way through a request's headers, from raw request data to the next step.
+//!
+//! `admit` runs the contract's checks in order (topic, token, precheck) and returns what the host
+//! must do next: answer locally, pass the request on, or verify a credential (cache, then webhook).
+//! It is pure: time comes in as an argument, and nothing here calls the host.
+
+use super::cache;
+use super::precheck;
+use super::reply::{Code, Reply};
+use super::token::{self, Credential, Kind, RequestParts, TokenError};
+use super::topic;
+use crate::config::Config;
+
+/// The request data the gate reads.
+pub struct Request<'a> {
+    /// `:path` with its query string.
+    pub path: &'a str,
+    pub authorization: Option<&'a [u8]>,
+    pub cookie: Option<&'a [u8]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Answer locally; the request never goes upstream.
+    Reply(Reply),
+    /// Pass upstream without an identity (development mode, or optional authentication without a
+    /// token). `path` is the rewritten `:path` when token parameters were stripped.
+    Pass { path: Option<String> },
+    /// Verify `credential` for the topic; forward on success.
+    Verify(Verification),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub credential: Credential,
+    pub topic_id: String,
+    /// Set when the verdict may come from, and go to, the cache (JWTs while caching is on).
+    pub cache_key: Option<cache::Key>,
+    /// The rewritten `:path` when token parameters were stripped.
+    pub path: Option<String>,
+}
+
+fn split_query(path: &str) -> (&str, Option<&str>) {
+    match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    }
+}
+
+/// `:path` without token and ticket parameters, when stripping is on and there was one.
+fn stripped_path(cfg: &Config, path_only: &str, query: Option<&str>) -> Option<String> {
+    let query = query?;
+    if !cfg.token.strip_from_upstream {
+        return None;
+    }
+    let kept = token::strip_params(&cfg.token, query);
+    if kept.as_deref() == Some(query) {
+        return None;
+    }
+    Some(match kept {
+        Some(q) => format!("{path_only}?{q}"),
+        None => path_only.to_string(),
+    })
+}
+
+pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
+    let (path_only, query) = split_query(req.path);
+    let path = stripped_path(cfg, path_only, query);
+    if cfg.development_mode() {
+        return Step::Pass { path };
+    }
+    let Some(topic_id) = topic::segment(path_only, &cfg.topic.path_prefix).and_then(topic::id) else {
+        return Step::Reply(Reply::new(Code::NoTopic, "the path names no topic"));
+    };
+    let parts = RequestParts { authorization: req.authorization, cookie: req.cookie, query };
+    let credential = match token::extract(&cfg.token, &parts) {
+        Ok(c) => c,
+        Err(TokenError::Missing) if !cfg.verifier.require_authentication => {
+            return Step::Pass { path };
+        }
+        Err(TokenError::Missing) => {
+            return Step::Reply(Reply::new(Code::MissingToken, "a bearer token is required"));
+        }
+        Err(TokenError::MalformedAuthorization) => {
+            return Step::Reply(Reply::new(
+                Code::MalformedAuthorization,
+                "the Authorization header must be 'Bearer <token>'",
+            ));
+        }
+        Err(TokenError::Unusable) => {
+            return Step::Reply(Reply::new(Code::InvalidToken, "the token is not usable"));
+        }
+    };
+    if credential.kind == Kind::Jwt && cfg.verifier.precheck {
+        match precheck::check(&credential.value, now_sec) {
+            Ok(()) => {}
+            Err(precheck::Refusal::NotAJwt) => {
+                return Step::Reply(Reply::new(Code::InvalidToken, "the token is not a JWT"));
+            }
+            Err(precheck::Refusal::Expired) => {
+                return Step::Reply(Reply::new(Code::InvalidToken, "the token has expired"));
+            }
+        }
+    }
+    let cache_key = (credential.kind == Kind::Jwt && cfg.verifier.cache_enabled())
+        .then(|| cache::key(&credential.value, &topic_id));
+    Step::Verify(Verification { credential, topic_id, cache_key, path })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    fn cfg(extra: &str) -> Config {
+        let base = r#""jwt_verifier":{"webhook_url":"http://a/verify","webhook_cluster":"a"}"#;
+        config::parse(format!("{{{base}{extra}}}").as_bytes()).unwrap()
+    }
+
+    fn jwt(exp: u64) -> String {
+        format!(
+            "{}.{}.sig",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#),
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"a","exp":{exp}}}"#))
+        )
+    }
+
+    fn run(cfg: &Config, path: &str, auth: Option<&str>) -> Step {
+        admit(cfg, &Request { path, authorization: auth.map(str::as_bytes), cookie: None }, 1000)
+    }
+
+    fn code(step: Step) -> &'static str {
+        match step {
+            Step::Reply(r) => r.code.as_str(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn verifies_a_jwt_with_topic_and_cache_key() {
+        let t = jwt(2000);
+        let Step::Verify(v) = run(&cfg(""), "/events/news", Some(&format!("Bearer {t}"))) else { panic!() };
+        assert_eq!(v.topic_id, topic::id("news").unwrap());
+        assert_eq!(v.cache_key, Some(cache::key(&t, &v.topic_id)));
+        assert_eq!(v.path, None);
+    }
+
+    #[test]
+    fn order_of_refusals() {
+        let c = cfg("");
+        assert_eq!(code(run(&c, "/events/", None)), "no_topic");
+        assert_eq!(code(run(&c, "/other", Some("Bearer x"))), "no_topic");
+        assert_eq!(code(run(&c, "/events/bad%zz", None)), "no_topic");
+        assert_eq!(code(run(&c, "/events/news", None)), "missing_token");
+        assert_eq!(code(run(&c, "/events/news", Some("Basic x"))), "malformed_authorization");
+        assert_eq!(code(run(&c, "/events/news", Some("Bearer abc"))), "invalid_token");
+        assert_eq!(code(run(&c, "/events/news", Some(&format!("Bearer {}", jwt(999))))), "invalid_token");
+    }
+
+    #[test]
+    fn precheck_can_be_off() {
+        let mut c = cfg("");
+        c.verifier.precheck = false;
+        assert!(matches!(run(&c, "/events/news", Some("Bearer abc")), Step::Verify(_)));
+    }
+
+    #[test]
+    fn tickets_are_not_prechecked_nor_cached() {
+        let Step::Verify(v) = run(&cfg(""), "/events/news?ticket=one-time", None) else { panic!() };
+        assert_eq!((v.credential.kind, v.cache_key), (Kind::Ticket, None));
+        assert_eq!(v.path.as_deref(), Some("/events/news"));
+    }
+
+    #[test]
+    fn strips_token_params_but_keeps_others() {
+        let t = jwt(2000);
+        let Step::Verify(v) = run(&cfg(""), &format!("/events/news?a=1&token={t}&b=2"), None) else {
+            panic!()
+        };
+        assert_eq!(v.path.as_deref(), Some("/events/news?a=1&b=2"));
+        let c = cfg(r#","token":{"strip_from_upstream":false}"#);
+        let Step::Verify(v) = run(&c, &format!("/events/news?a=1&token={t}"), None) else { panic!() };
+        assert_eq!(v.path, None);
+        // A token parameter is stripped even when the header carried the credential.
+        let Step::Verify(v) = run(&cfg(""), "/events/news?token=leak", Some(&format!("Bearer {t}"))) else {
+            panic!()
+        };
+        assert_eq!(v.path.as_deref(), Some("/events/news"));
+    }
+
+    #[test]
+    fn no_cache_key_when_cache_off() {
+        let mut c = cfg("");
+        c.verifier.cache_ttl_sec = 0;
+        let Step::Verify(v) = run(&c, "/events/news", Some(&format!("Bearer {}", jwt(2000)))) else {
+            panic!()
+        };
+        assert_eq!(v.cache_key, None);
+    }
+
+    #[test]
+    fn development_mode_and_optional_auth() {
+        let dev =
+            config::parse(br#"{"jwt_verifier":{"webhook_url":"","require_authentication":false}}"#).unwrap();
+        assert_eq!(run(&dev, "/anything?token=x", None), Step::Pass { path: Some("/anything".into()) });
+        let mut optional = cfg("");
+        optional.verifier.require_authentication = false;
+        assert_eq!(run(&optional, "/events/news", None), Step::Pass { path: None });
+        assert!(matches!(
+            run(&optional, "/events/news", Some(&format!("Bearer {}", jwt(2000)))),
+            Step::Verify(_)
+        ));
+    }
+}

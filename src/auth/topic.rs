@@ -1,0 +1,70 @@
+//! Topic id: which topic a request path names, as the 32-hex id the webhook receives.
+//!
+//! The topic is the first path segment after `topic.path_prefix`. Its id is the segment itself,
+//! lowercased, when it already is 32 hex digits; otherwise the first 16 bytes of SHA-256 of the
+//! percent-decoded segment, hex-encoded. Example: `/events/news` → SHA-256("news")[..16] =
+//! `1c1ef58b9ee5aa6f0abf3df0cf0a4ec1`.
+
+use super::percent::decode_component;
+use sha2::{Digest, Sha256};
+
+/// Longest topic segment accepted (bytes, before decoding).
+pub const MAX_SEGMENT_LEN: usize = 1024;
+
+/// The raw topic segment of `path` (query already removed), or `None` when the path names none.
+pub fn segment<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = path.strip_prefix(prefix)?;
+    let seg = rest.split('/').next().unwrap_or_default();
+    (!seg.is_empty() && seg.len() <= MAX_SEGMENT_LEN).then_some(seg)
+}
+
+/// The 32-hex topic id of a raw segment, or `None` when it holds an invalid percent escape.
+pub fn id(segment: &str) -> Option<String> {
+    if segment.len() == 32 && segment.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Some(segment.to_ascii_lowercase());
+    }
+    let decoded = decode_component(segment, false)?;
+    let digest = Sha256::digest(&decoded);
+    Some(hex::encode(digest.get(..16)?))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_after_prefix() {
+        assert_eq!(segment("/events/news", "/events/"), Some("news"));
+        assert_eq!(segment("/events/news/more", "/events/"), Some("news"));
+        assert_eq!(segment("/events/", "/events/"), None);
+        assert_eq!(segment("/events//x", "/events/"), None);
+        assert_eq!(segment("/events", "/events/"), None);
+        assert_eq!(segment("/other/news", "/events/"), None);
+        assert_eq!(segment("/a/b/c", "/a/b/"), Some("c"));
+        let long = format!("/events/{}", "a".repeat(MAX_SEGMENT_LEN + 1));
+        assert_eq!(segment(&long, "/events/"), None);
+    }
+
+    #[test]
+    fn hex_segment_is_its_own_id() {
+        assert_eq!(id("A1B2C3D4E5F67890ABCDEF1234567890").unwrap(), "a1b2c3d4e5f67890abcdef1234567890");
+    }
+
+    #[test]
+    fn names_are_hashed_after_decoding() {
+        // sha256("news") = 1c1ef58b9ee5aa6f0abf3df0cf0a4ec1...
+        let news = id("news").unwrap();
+        assert_eq!(news.len(), 32);
+        assert_eq!(news, hex::encode(&Sha256::digest(b"news")[..16]));
+        assert_eq!(id("caf%C3%A9").unwrap(), hex::encode(&Sha256::digest("café".as_bytes())[..16]));
+        assert_eq!(id("n%65ws").unwrap(), news);
+        // 31 or 33 hex digits are names, not ids.
+        assert_ne!(id(&"a".repeat(31)).unwrap(), "a".repeat(31));
+    }
+
+    #[test]
+    fn invalid_escape_is_no_topic() {
+        assert_eq!(id("bad%zz"), None);
+    }
+}

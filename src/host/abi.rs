@@ -1,0 +1,136 @@
+//! Non-panicking access to the proxy-wasm ABI calls this filter makes on live streams.
+//!
+//! The SDK's `hostcalls::` wrappers `panic!` on any status they do not expect, and a panic aborts
+//! the VM for every stream on that worker. Envoy legitimately answers some calls with
+//! `BadArgument` or `NotFound` (a header map that is no longer available, a body buffer that is not
+//! exposed, a stream already gone), so these wrappers return the status instead. Only calls whose
+//! bookkeeping lives inside the SDK (HTTP callouts, context switching) still go through it.
+
+use proxy_wasm::types::{BufferType, MapType, Status, StreamType};
+use std::ptr::{null, null_mut};
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_replace_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> Status;
+    fn proxy_remove_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize) -> Status;
+    fn proxy_continue_stream(stream_type: StreamType) -> Status;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> Status;
+    fn proxy_get_buffer_bytes(
+        buffer_type: BufferType,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> Status;
+}
+
+fn check(status: Status) -> Result<(), Status> {
+    match status {
+        Status::Ok => Ok(()),
+        other => Err(other),
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's exported allocator.
+///
+/// # Safety
+/// `data`/`size` must come from a successful host call that returns an allocated buffer.
+unsafe fn owned(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+/// One header's value as bytes (`Ok(None)` when absent). Bytes, because a client may send values
+/// that are not UTF-8 and the SDK's string getters panic on them.
+pub fn header(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes an allocated buffer to data/size on Ok.
+    match unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) } {
+        Status::Ok => Ok(Some(unsafe { owned(data, size) })),
+        Status::NotFound => Ok(None),
+        other => Err(other),
+    }
+}
+
+pub fn set_header(map: MapType, name: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointers are valid for the given lengths for the duration of the call.
+    check(unsafe {
+        proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
+}
+
+pub fn remove_header(map: MapType, name: &str) -> Result<(), Status> {
+    // SAFETY: pointer valid for the given length for the duration of the call.
+    check(unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) })
+}
+
+pub fn resume_request() -> Result<(), Status> {
+    // SAFETY: plain call without pointers.
+    check(unsafe { proxy_continue_stream(StreamType::HttpRequest) })
+}
+
+/// The proxy-wasm header-map wire format: count, (key len, value len) pairs, then NUL-terminated
+/// keys and values.
+fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = Vec::new();
+    out.extend_from_slice(&len(headers.len()));
+    for (k, v) in headers {
+        out.extend_from_slice(&len(k.len()));
+        out.extend_from_slice(&len(v.len()));
+    }
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// A local reply: Envoy answers the client itself and the request goes no further.
+pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
+    let map = serialize_headers(headers);
+    // SAFETY: pointers valid for their lengths for the duration of the call.
+    check(unsafe {
+        proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1)
+    })
+}
+
+/// Up to `max` bytes of a buffer (empty when the host has none).
+pub fn buffer(kind: BufferType, max: usize) -> Result<Vec<u8>, Status> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes an allocated buffer to data/size on Ok.
+    match unsafe { proxy_get_buffer_bytes(kind, 0, max, &mut data, &mut size) } {
+        Status::Ok => Ok(unsafe { owned(data, size) }),
+        Status::NotFound => Ok(Vec::new()),
+        other => Err(other),
+    }
+}
