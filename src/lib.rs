@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod resilience;
 
 #[cfg(target_arch = "wasm32")]
 mod host;
@@ -14,5 +15,5 @@ mod host;
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(host::root::Root::default()));
+    proxy_wasm::set_root_context(|id| Box::new(host::root::Root::new(id)));
 }}

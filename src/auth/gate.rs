@@ -24,8 +24,8 @@ pub enum Step {
     /// Answer locally; the request never goes upstream.
     Reply(Reply),
     /// Pass upstream without an identity (development mode, or optional authentication without a
-    /// token). `path` is the rewritten `:path` when token parameters were stripped.
-    Pass { path: Option<String> },
+    /// token).
+    Pass,
     /// Verify `credential` for the topic; forward on success.
     Verify(Verification),
 }
@@ -34,10 +34,10 @@ pub enum Step {
 pub struct Verification {
     pub credential: Credential,
     pub topic_id: String,
-    /// Set when the verdict may come from, and go to, the cache (JWTs while caching is on).
-    pub cache_key: Option<cache::Key>,
-    /// The rewritten `:path` when token parameters were stripped.
-    pub path: Option<String>,
+    /// SHA-256 over the credential and the topic id: the cache key and the single-flight key.
+    pub key: cache::Key,
+    /// The verdict may come from, and go to, the cache (JWTs while caching is on; never tickets).
+    pub cacheable: bool,
 }
 
 fn split_query(path: &str) -> (&str, Option<&str>) {
@@ -47,8 +47,11 @@ fn split_query(path: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// `:path` without token and ticket parameters, when stripping is on and there was one.
-fn stripped_path(cfg: &Config, path_only: &str, query: Option<&str>) -> Option<String> {
+/// `:path` without token and ticket parameters, when stripping is on and there was one. The host
+/// applies it before anything else, so neither the upstream nor Envoy's access log (also for
+/// refused requests) ever sees a token in the URL.
+pub fn stripped_path(cfg: &Config, path: &str) -> Option<String> {
+    let (path_only, query) = split_query(path);
     let query = query?;
     if !cfg.token.strip_from_upstream {
         return None;
@@ -65,9 +68,8 @@ fn stripped_path(cfg: &Config, path_only: &str, query: Option<&str>) -> Option<S
 
 pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
     let (path_only, query) = split_query(req.path);
-    let path = stripped_path(cfg, path_only, query);
     if cfg.development_mode() {
-        return Step::Pass { path };
+        return Step::Pass;
     }
     let Some(topic_id) = topic::segment(path_only, &cfg.topic.path_prefix).and_then(topic::id) else {
         return Step::Reply(Reply::new(Code::NoTopic, "the path names no topic"));
@@ -76,7 +78,7 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
     let credential = match token::extract(&cfg.token, &parts) {
         Ok(c) => c,
         Err(TokenError::Missing) if !cfg.verifier.require_authentication => {
-            return Step::Pass { path };
+            return Step::Pass;
         }
         Err(TokenError::Missing) => {
             return Step::Reply(Reply::new(Code::MissingToken, "a bearer token is required"));
@@ -102,9 +104,9 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
             }
         }
     }
-    let cache_key = (credential.kind == Kind::Jwt && cfg.verifier.cache_enabled())
-        .then(|| cache::key(&credential.value, &topic_id));
-    Step::Verify(Verification { credential, topic_id, cache_key, path })
+    let key = cache::key(&credential.value, &topic_id);
+    let cacheable = credential.kind == Kind::Jwt && cfg.verifier.cache_enabled();
+    Step::Verify(Verification { credential, topic_id, key, cacheable })
 }
 
 #[cfg(test)]
@@ -144,8 +146,7 @@ mod tests {
         let t = jwt(2000);
         let Step::Verify(v) = run(&cfg(""), "/events/news", Some(&format!("Bearer {t}"))) else { panic!() };
         assert_eq!(v.topic_id, topic::id("news").unwrap());
-        assert_eq!(v.cache_key, Some(cache::key(&t, &v.topic_id)));
-        assert_eq!(v.path, None);
+        assert_eq!((v.key, v.cacheable), (cache::key(&t, &v.topic_id), true));
     }
 
     #[test]
@@ -170,25 +171,21 @@ mod tests {
     #[test]
     fn tickets_are_not_prechecked_nor_cached() {
         let Step::Verify(v) = run(&cfg(""), "/events/news?ticket=one-time", None) else { panic!() };
-        assert_eq!((v.credential.kind, v.cache_key), (Kind::Ticket, None));
-        assert_eq!(v.path.as_deref(), Some("/events/news"));
+        assert_eq!((v.credential.kind, v.cacheable), (Kind::Ticket, false));
     }
 
     #[test]
     fn strips_token_params_but_keeps_others() {
-        let t = jwt(2000);
-        let Step::Verify(v) = run(&cfg(""), &format!("/events/news?a=1&token={t}&b=2"), None) else {
-            panic!()
-        };
-        assert_eq!(v.path.as_deref(), Some("/events/news?a=1&b=2"));
-        let c = cfg(r#","token":{"strip_from_upstream":false}"#);
-        let Step::Verify(v) = run(&c, &format!("/events/news?a=1&token={t}"), None) else { panic!() };
-        assert_eq!(v.path, None);
-        // A token parameter is stripped even when the header carried the credential.
-        let Step::Verify(v) = run(&cfg(""), "/events/news?token=leak", Some(&format!("Bearer {t}"))) else {
-            panic!()
-        };
-        assert_eq!(v.path.as_deref(), Some("/events/news"));
+        let c = cfg("");
+        assert_eq!(
+            stripped_path(&c, "/events/news?a=1&token=T&b=2").as_deref(),
+            Some("/events/news?a=1&b=2")
+        );
+        assert_eq!(stripped_path(&c, "/events/news?ticket=T").as_deref(), Some("/events/news"));
+        assert_eq!(stripped_path(&c, "/events/news?a=1"), None);
+        assert_eq!(stripped_path(&c, "/events/news"), None);
+        let keep = cfg(r#","token":{"strip_from_upstream":false}"#);
+        assert_eq!(stripped_path(&keep, "/events/news?a=1&token=T"), None);
     }
 
     #[test]
@@ -198,17 +195,17 @@ mod tests {
         let Step::Verify(v) = run(&c, "/events/news", Some(&format!("Bearer {}", jwt(2000)))) else {
             panic!()
         };
-        assert_eq!(v.cache_key, None);
+        assert!(!v.cacheable);
     }
 
     #[test]
     fn development_mode_and_optional_auth() {
         let dev =
             config::parse(br#"{"jwt_verifier":{"webhook_url":"","require_authentication":false}}"#).unwrap();
-        assert_eq!(run(&dev, "/anything?token=x", None), Step::Pass { path: Some("/anything".into()) });
+        assert_eq!(run(&dev, "/anything?token=x", None), Step::Pass);
         let mut optional = cfg("");
         optional.verifier.require_authentication = false;
-        assert_eq!(run(&optional, "/events/news", None), Step::Pass { path: None });
+        assert_eq!(run(&optional, "/events/news", None), Step::Pass);
         assert!(matches!(
             run(&optional, "/events/news", Some(&format!("Bearer {}", jwt(2000)))),
             Step::Verify(_)

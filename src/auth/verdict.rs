@@ -45,6 +45,8 @@ pub enum Failure {
     Malformed,
     /// No response at all (the call was reset or could not be made).
     NoResponse,
+    /// No response within `timeout_ms` (the host tells this from `NoResponse` by the time taken).
+    Timeout,
 }
 
 impl Failure {
@@ -53,7 +55,8 @@ impl Failure {
         match self {
             Failure::Status(_) => "status",
             Failure::Malformed => "malformed",
-            Failure::NoResponse => "no_response",
+            Failure::NoResponse => "reset",
+            Failure::Timeout => "timeout",
         }
     }
 }
@@ -81,27 +84,15 @@ pub fn parse(status: Option<u32>, body: &[u8], now_sec: u64) -> Verdict {
         Some(Value::Bool(b)) => *b,
         _ => return Verdict::Failure(Failure::Malformed),
     };
-    let user_id = match obj.get("user_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(_) => return Verdict::Failure(Failure::Malformed),
-    };
-    let expires_at = match obj.get("expires_at") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
-            (Some(v), _) => Some(v),
-            (None, Some(_)) => Some(0), // negative: long past
-            _ => return Verdict::Failure(Failure::Malformed),
-        },
-        Some(_) => return Verdict::Failure(Failure::Malformed),
-    };
     if !valid {
         return Verdict::Deny(DenyReason::Invalid);
     }
-    let Some(user_id) = user_id.filter(|u| usable_user_id(u)) else {
+    // `valid:true` counts only with a string `user_id` and an integer `expires_at` in the future;
+    // anything else in those fields is a denial (contract), not a failure.
+    let Some(user_id) = obj.get("user_id").and_then(Value::as_str).filter(|u| usable_user_id(u)) else {
         return Verdict::Deny(DenyReason::NoUser);
     };
-    match expires_at {
+    match obj.get("expires_at").and_then(Value::as_u64) {
         Some(exp) if exp > now_sec => Verdict::Allow { user_id: user_id.to_string(), expires_at: exp },
         _ => Verdict::Deny(DenyReason::Expired),
     }
@@ -176,12 +167,21 @@ mod tests {
             "[]",
             r#"{"valid":"true","user_id":"a","expires_at":2000}"#,
             r#"{"user_id":"a"}"#,
-            r#"{"valid":true,"user_id":5,"expires_at":2000}"#,
-            r#"{"valid":true,"user_id":"a","expires_at":2000.5}"#,
-            r#"{"valid":true,"user_id":"a","expires_at":"2000"}"#,
+            r#"{"valid":1,"user_id":"a","expires_at":2000}"#,
+            r#"{"valid":null}"#,
         ] {
             assert_eq!(p(body), Verdict::Failure(Failure::Malformed), "{body}");
         }
+        // Wrong types beside `valid:true` are denials, not failures.
+        assert_eq!(p(r#"{"valid":true,"user_id":5,"expires_at":2000}"#), Verdict::Deny(DenyReason::NoUser));
+        assert_eq!(
+            p(r#"{"valid":true,"user_id":"a","expires_at":2000.5}"#),
+            Verdict::Deny(DenyReason::Expired)
+        );
+        assert_eq!(
+            p(r#"{"valid":true,"user_id":"a","expires_at":"2000"}"#),
+            Verdict::Deny(DenyReason::Expired)
+        );
         assert_eq!(parse(Some(500), b"{}", 1), Verdict::Failure(Failure::Status(500)));
         assert_eq!(parse(Some(503), b"upstream connect error", 1), Verdict::Failure(Failure::Status(503)));
         assert_eq!(parse(None, b"", 1), Verdict::Failure(Failure::NoResponse));

@@ -1,27 +1,42 @@
 //! The filter's metrics, as Envoy stats. Names carry the `revenprox_` prefix; Envoy shows
-//! wasm-defined stats at `/stats/prometheus` under those names.
+//! wasm-defined stats at `/stats/prometheus` under exactly those names (it strips its
+//! `wasmcustom.` namespace). The README's metrics table lists each with its meaning.
 
 use crate::auth::reply::Code;
+use crate::auth::verdict::Failure;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
+type Id = Option<u32>;
+
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
-    pub requests: Option<u32>,
-    pub allowed: Option<u32>,
-    pub denied: [Option<u32>; 6],
-    pub cache_hits: Option<u32>,
-    pub cache_misses: Option<u32>,
-    pub webhook_calls: Option<u32>,
-    pub webhook_failures: Option<u32>,
-    pub webhook_latency_ms: Option<u32>,
+    pub requests: Id,
+    pub allowed: Id,
+    pub denied: [Id; 6],
+    pub cache_hits: Id,
+    pub cache_misses: Id,
+    pub webhook_calls: Id,
+    pub webhook_retries: Id,
+    pub webhook_failures: Id,
+    /// By kind: status, malformed, reset, timeout.
+    pub webhook_failures_by: [Id; 4],
+    pub webhook_latency_ms: Id,
+    pub singleflight_joins: Id,
+    pub rate_limited: Id,
+    pub circuit_state: Id,
+    pub circuit_opened: Id,
+    pub circuit_closed: Id,
+    pub circuit_rejected: Id,
 }
 
-fn define(kind: MetricType, name: &str) -> Option<u32> {
+const FAILURE_KINDS: [&str; 4] = ["status", "malformed", "reset", "timeout"];
+
+fn define(kind: MetricType, name: &str) -> Id {
     match hostcalls::define_metric(kind, name) {
         Ok(id) => Some(id),
         Err(status) => {
-            log::warn!("metric {name} could not be defined: {status:?}");
+            log::warn!("revenprox: metric {name} could not be defined: {status:?}");
             None
         }
     }
@@ -29,30 +44,43 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
 
 impl Metrics {
     pub fn define() -> Metrics {
-        let c = |n: &str| define(MetricType::Counter, n);
+        let c = |n: &str| define(MetricType::Counter, &format!("revenprox_{n}"));
         let mut denied = [None; 6];
         for (slot, code) in denied.iter_mut().zip(Code::ALL) {
-            *slot = c(&format!("revenprox_denied_{}", code.as_str()));
+            *slot = c(&format!("denied_{}", code.as_str()));
+        }
+        let mut failures_by = [None; 4];
+        for (slot, kind) in failures_by.iter_mut().zip(FAILURE_KINDS) {
+            *slot = c(&format!("webhook_failures_{kind}"));
         }
         Metrics {
-            requests: c("revenprox_requests"),
-            allowed: c("revenprox_allowed"),
+            requests: c("requests"),
+            allowed: c("allowed"),
             denied,
-            cache_hits: c("revenprox_cache_hits"),
-            cache_misses: c("revenprox_cache_misses"),
-            webhook_calls: c("revenprox_webhook_calls"),
-            webhook_failures: c("revenprox_webhook_failures"),
+            cache_hits: c("cache_hits"),
+            cache_misses: c("cache_misses"),
+            webhook_calls: c("webhook_calls"),
+            webhook_retries: c("webhook_retries"),
+            webhook_failures: c("webhook_failures"),
+            webhook_failures_by: failures_by,
             webhook_latency_ms: define(MetricType::Histogram, "revenprox_webhook_latency_ms"),
+            singleflight_joins: c("singleflight_joins"),
+            rate_limited: c("rate_limited"),
+            circuit_state: define(MetricType::Gauge, "revenprox_circuit_state"),
+            circuit_opened: c("circuit_opened"),
+            circuit_closed: c("circuit_closed"),
+            circuit_rejected: c("circuit_rejected"),
         }
     }
 
-    pub fn inc(id: Option<u32>) {
+    pub fn inc(id: Id) {
         if let Some(id) = id {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }
 
-    pub fn record(id: Option<u32>, value: u64) {
+    /// Sets a gauge or records a histogram sample.
+    pub fn record(id: Id, value: u64) {
         if let Some(id) = id {
             let _ = hostcalls::record_metric(id, value);
         }
@@ -61,5 +89,11 @@ impl Metrics {
     pub fn denied(&self, code: Code) {
         let index = Code::ALL.iter().position(|c| *c == code);
         Self::inc(index.and_then(|i| self.denied.get(i).copied().flatten()));
+    }
+
+    pub fn webhook_failure(&self, failure: Failure) {
+        Self::inc(self.webhook_failures);
+        let index = FAILURE_KINDS.iter().position(|k| *k == failure.label());
+        Self::inc(index.and_then(|i| self.webhook_failures_by.get(i).copied().flatten()));
     }
 }

@@ -2,10 +2,11 @@
 //! core (`auth`, `config`) and the core's decisions into host calls. No policy lives here.
 
 mod abi;
-mod cache_store;
 mod metrics;
 pub mod root;
+mod shared;
 mod stream;
+mod worker;
 
 use std::time::UNIX_EPOCH;
 
