@@ -248,7 +248,10 @@ pub fn answered(w: &WorkerRef, token: u32, num_headers: usize, body_size: usize,
     };
     let body = abi::buffer(BufferType::HttpCallResponseBody, body_size.min(MAX_BODY + 1)).unwrap_or_default();
     match verdict::parse(status, &body, now_ms / 1000) {
-        Verdict::Failure(Failure::NoResponse) if elapsed >= cfg.verifier.timeout_ms => {
+        // Envoy answers a call that ran out of time with its own 504 (or with nothing).
+        Verdict::Failure(Failure::NoResponse | Failure::Status(504))
+            if elapsed.saturating_add(5) >= cfg.verifier.timeout_ms =>
+        {
             failed(w, key, Failure::Timeout, now_ms)
         }
         Verdict::Failure(f) => failed(w, key, f, now_ms),
@@ -263,7 +266,10 @@ fn failed(w: &WorkerRef, key: FlightKey, failure: Failure, now_ms: u64) {
         (wb.metrics.clone(), wb.cfg.verifier.retry_attempts)
     };
     metrics.webhook_failure(failure);
-    log::warn!("revenprox: webhook call failed ({})", failure.label());
+    match failure {
+        Failure::Status(code) => log::warn!("revenprox: webhook call failed (status {code})"),
+        other => log::warn!("revenprox: webhook call failed ({})", other.label()),
+    }
     let retry_at = w.borrow_mut().flights.retry(&key, retries, now_ms);
     match retry_at {
         Some(_) => reschedule(w, now_ms),

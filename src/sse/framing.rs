@@ -123,3 +123,395 @@ pub fn splice(chunk: &[u8], at: usize, insert: &[u8]) -> Vec<u8> {
     out.extend_from_slice(tail);
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+    /// Feeds `chunks` in order; the result of each `feed` and `at_boundary()` after it.
+    fn run(chunks: &[&[u8]]) -> Vec<(Option<usize>, bool)> {
+        let mut f = Framing::new();
+        chunks
+            .iter()
+            .map(|c| {
+                let r = f.feed(c);
+                (r, f.at_boundary())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn start_of_stream_is_a_boundary() {
+        let f = Framing::new();
+        assert!(f.at_boundary());
+        assert_eq!(f, Framing::default());
+        let mut f = Framing::new();
+        assert_eq!(f.feed(b""), None);
+        assert!(f.at_boundary());
+    }
+
+    #[test]
+    fn whole_event_in_one_chunk() {
+        assert_eq!(run(&[b"data: a\n\n"]), [(Some(9), true)]);
+        assert_eq!(run(&[b"id: 1\nevent: x\ndata: a\ndata: b\n\n"]), [(Some(31), true)]);
+    }
+
+    #[test]
+    fn event_split_inside_a_line_and_between_lines() {
+        assert_eq!(run(&[b"da", b"ta: a", b"\n", b"\n"]), [(None, false), (None, false), (None, false), (Some(1), true)]);
+        assert_eq!(run(&[b"data: a\n", b"data: b\n", b"\n"]), [(None, false), (None, false), (Some(1), true)]);
+    }
+
+    #[test]
+    fn last_boundary_of_several_and_partial_tail() {
+        // Boundaries after offsets 9 and 18; then an event starts and is not finished.
+        assert_eq!(run(&[b"data: a\n\ndata: b\n\ndata: c"]), [(Some(18), false)]);
+        assert_eq!(run(&[b"data: a\n\ndata: b\n\n"]), [(Some(18), true)]);
+        // The first chunk finishes an event started earlier and starts the next.
+        assert_eq!(run(&[b"data: a\n", b"\ndata: b\n"]), [(None, false), (Some(1), false)]);
+    }
+
+    #[test]
+    fn lf_cr_and_crlf_line_endings() {
+        assert_eq!(run(&[b"data: a\n\n"]), [(Some(9), true)]);
+        assert_eq!(run(&[b"data: a\r\n\r\n"]), [(Some(11), true)]);
+        // CR alone: the final CR's boundary is not confirmed until the next byte is seen.
+        assert_eq!(run(&[b"data: a\r\rdata: b\r\r"]), [(Some(9), false)]);
+        // Mixed: CR then LF-blank is one CRLF terminator, not a blank line.
+        assert_eq!(run(&[b"data: a\r\n"]), [(None, false)]);
+        assert_eq!(run(&[b"data: a\n\r\n"]), [(Some(10), true)]);
+        assert_eq!(run(&[b"data: a\r\n\n"]), [(Some(10), true)]);
+        assert_eq!(run(&[b"data: a\n\rx"]), [(Some(9), false)]);
+    }
+
+    #[test]
+    fn crlf_split_across_chunks() {
+        // The blank line's CR ends the chunk: not a boundary yet; the LF opens the next chunk.
+        assert_eq!(run(&[b"data: a\r\n\r", b"\n"]), [(None, false), (Some(1), true)]);
+        assert_eq!(run(&[b"data: a\r\n\r", b"\ndata: b\r\n"]), [(None, false), (Some(1), false)]);
+        // A non-blank line's CR ends the chunk; its LF comes next, then the blank line.
+        assert_eq!(run(&[b"data: a\r", b"\n\r\n"]), [(None, false), (Some(3), true)]);
+        assert_eq!(run(&[b"data: a\r", b"\n", b"\r", b"\n"]), [
+            (None, false),
+            (None, false),
+            (None, false),
+            (Some(1), true)
+        ]);
+    }
+
+    #[test]
+    fn lone_cr_confirmed_at_offset_zero_of_the_next_chunk() {
+        assert_eq!(run(&[b"data: a\r\r", b"data: b\r"]), [(None, false), (Some(0), false)]);
+        // A later boundary in the same chunk wins.
+        assert_eq!(run(&[b"data: a\r\r", b"data: b\r\rx"]), [(None, false), (Some(9), false)]);
+        // Empty chunks in between change nothing.
+        assert_eq!(run(&[b"data: a\r\r", b"", b"x"]), [(None, false), (None, false), (Some(0), false)]);
+        // A CR right after a lone blank-line CR is another blank line, also pending.
+        assert_eq!(run(&[b"data: a\r\r", b"\r"]), [(None, false), (Some(0), false)]);
+        assert_eq!(run(&[b"data: a\r\r", b"\r", b"\n"]), [(None, false), (Some(0), false), (Some(1), true)]);
+    }
+
+    #[test]
+    fn comments_are_part_of_events() {
+        assert_eq!(run(&[b": keep-alive\n"]), [(None, false)]);
+        assert_eq!(run(&[b": keep-alive\n\n"]), [(Some(14), true)]);
+        assert_eq!(run(&[b":\n", b"\n"]), [(None, false), (Some(1), true)]);
+        assert_eq!(run(&[b"data: a\n: c\n", b"\n"]), [(None, false), (Some(1), true)]);
+    }
+
+    #[test]
+    fn blank_lines_alone_are_boundaries() {
+        assert_eq!(run(&[b"\n"]), [(Some(1), true)]);
+        assert_eq!(run(&[b"\n\n\n"]), [(Some(3), true)]);
+        assert_eq!(run(&[b"\r\n", b"\r"]), [(Some(2), true), (None, false)]);
+    }
+
+    #[test]
+    fn bom_is_just_bytes_of_the_first_line() {
+        let bom = "\u{feff}";
+        assert_eq!(run(&[format!("{bom}data: a\n\n").as_bytes()]), [(Some(12), true)]);
+        // Conservative: the BOM makes the first line non-blank for the tracker.
+        assert_eq!(run(&[format!("{bom}\n").as_bytes()]), [(None, false)]);
+    }
+
+    #[test]
+    fn boundary_tracking_does_not_depend_on_line_length() {
+        let long = vec![b'x'; 100_000];
+        let mut f = Framing::new();
+        assert_eq!(f.feed(b"data: "), None);
+        for _ in 0..10 {
+            assert_eq!(f.feed(&long), None);
+            assert!(!f.at_boundary());
+        }
+        assert_eq!(f.feed(b"\n\n"), Some(2));
+        assert!(f.at_boundary());
+    }
+
+    #[test]
+    fn splice_places_bytes_and_clamps() {
+        assert_eq!(splice(b"abc", 0, b"X"), b"Xabc");
+        assert_eq!(splice(b"abc", 1, b"X"), b"aXbc");
+        assert_eq!(splice(b"abc", 3, b"X"), b"abcX");
+        assert_eq!(splice(b"abc", 99, b"XY"), b"abcXY");
+        assert_eq!(splice(b"abc", usize::MAX, b""), b"abc");
+        assert_eq!(splice(b"", 5, b"X"), b"X");
+        assert_eq!(splice(b"data: a\n\ndata: b", 9, HEARTBEAT), b"data: a\n\n: heartbeat\n\ndata: b");
+    }
+
+    // ---- property test against reference parsers ----
+
+    /// splitmix64: deterministic, so a failure reproduces from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn percent(&mut self, p: usize) -> bool {
+            self.below(100) < p
+        }
+        fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+            xs[self.below(xs.len())]
+        }
+    }
+
+    fn value(rng: &mut Rng) -> String {
+        let n = rng.below(6);
+        (0..n).map(|_| rng.pick(&["a", "b", " ", ":", "é", "{}", "1", "\u{feff}"])).collect()
+    }
+
+    fn eol(rng: &mut Rng) -> &'static str {
+        ["\n", "\r", "\r\n"][rng.below(3)]
+    }
+
+    /// A random SSE stream: events of fields and comments with mixed line endings, stray blank
+    /// lines, sometimes a BOM, sometimes an unfinished event (or line) at the end.
+    fn stream(rng: &mut Rng) -> Vec<u8> {
+        let mut s = String::new();
+        if rng.percent(5) {
+            s.push('\u{feff}');
+        }
+        let line = |rng: &mut Rng| {
+            let v = value(rng);
+            match rng.below(12) {
+                0 | 1 | 2 => format!("data: {v}"),
+                3 => format!("data:{v}"),
+                4 => "data".to_string(),
+                5 => format!("id: {v}"),
+                6 => format!("event: {v}"),
+                7 => "retry: 100".to_string(),
+                8 => format!(":{v}"),
+                9 => format!(": {v}"),
+                10 => format!("foo: {v}"),
+                _ => format!("x{v}"),
+            }
+        };
+        for _ in 0..rng.below(8) {
+            while rng.percent(10) {
+                s.push_str(eol(rng));
+            }
+            for _ in 0..rng.below(5) {
+                s.push_str(&line(rng));
+                s.push_str(eol(rng));
+            }
+            s.push_str(eol(rng));
+        }
+        if rng.percent(15) {
+            for _ in 0..rng.below(3) {
+                s.push_str(&line(rng));
+                s.push_str(eol(rng));
+            }
+            if rng.percent(50) {
+                s.push_str(&line(rng));
+            }
+        }
+        s.into_bytes()
+    }
+
+    /// Chunk lengths that add up to `len`: one chunk, single bytes, random cuts (some empty
+    /// chunks), or cuts right after every CR.
+    fn cuts(rng: &mut Rng, s: &[u8]) -> Vec<usize> {
+        let mut points: Vec<usize> = match rng.below(4) {
+            0 => vec![],
+            1 => (1..s.len()).collect(),
+            2 => {
+                let p = [3, 20, 50][rng.below(3)];
+                (0..=s.len()).filter(|_| rng.percent(p)).collect()
+            }
+            _ => (0..s.len()).filter(|&i| s[i] == b'\r' || rng.percent(5)).map(|i| i + 1).collect(),
+        };
+        points.push(s.len());
+        let mut at = 0;
+        points
+            .into_iter()
+            .map(|p| {
+                let n = p - at;
+                at = p;
+                n
+            })
+            .collect()
+    }
+
+    /// Reference line splitter over a whole stream (its end is the end: a final CR is a complete
+    /// terminator): (content start, content end, end after terminator) of each terminated line.
+    fn ref_lines(s: &[u8]) -> Vec<(usize, usize, usize)> {
+        let mut lines = Vec::new();
+        let (mut start, mut i) = (0, 0);
+        while i < s.len() {
+            let end = match (s[i], s.get(i + 1)) {
+                (b'\r', Some(b'\n')) => i + 2,
+                (b'\r' | b'\n', _) => i + 1,
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            lines.push((start, i, end));
+            start = end;
+            i = end;
+        }
+        lines
+    }
+
+    /// Event boundaries of a whole stream: its start, and the end of each blank line.
+    fn ref_boundaries(s: &[u8]) -> Vec<usize> {
+        let mut b = vec![0];
+        b.extend(ref_lines(s).into_iter().filter(|&(cs, ce, _)| cs == ce).map(|(_, _, end)| end));
+        b
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Event {
+        kind: Vec<u8>,
+        data: Vec<u8>,
+        id: Vec<u8>,
+    }
+
+    /// Reference WHATWG event-stream interpreter (on bytes; UTF-8 decoding changes nothing here).
+    fn decode(s: &[u8]) -> Vec<Event> {
+        let s = s.strip_prefix("\u{feff}".as_bytes()).unwrap_or(s);
+        let (mut events, mut kind, mut data, mut id) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (cs, ce, _) in ref_lines(s) {
+            let line = &s[cs..ce];
+            if line.is_empty() {
+                if !data.is_empty() {
+                    data.pop();
+                    let k = if kind.is_empty() { b"message".to_vec() } else { kind.clone() };
+                    events.push(Event { kind: k, data: data.clone(), id: id.clone() });
+                }
+                kind.clear();
+                data.clear();
+                continue;
+            }
+            if line[0] == b':' {
+                continue;
+            }
+            let (field, val) = match line.iter().position(|&b| b == b':') {
+                Some(p) => {
+                    let v = &line[p + 1..];
+                    (&line[..p], v.strip_prefix(b" ").unwrap_or(v))
+                }
+                None => (line, &b""[..]),
+            };
+            match field {
+                b"event" => kind = val.to_vec(),
+                b"data" => {
+                    data.extend_from_slice(val);
+                    data.push(b'\n');
+                }
+                b"id" if !val.contains(&0) => id = val.to_vec(),
+                _ => {}
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn reference_decoder_sanity() {
+        let s = b"\xef\xbb\xbfid: 7\r\nevent: e\rdata: a\ndata:b\n: c\n\ndata: x\n\nretry: 5\n\ndata";
+        let ev = decode(s);
+        assert_eq!(ev, [
+            Event { kind: b"e".to_vec(), data: b"a\nb".to_vec(), id: b"7".to_vec() },
+            Event { kind: b"message".to_vec(), data: b"x".to_vec(), id: b"7".to_vec() },
+        ]);
+        assert_eq!(ref_boundaries(b"a\r\n\r\nb\r\rc\n"), [0, 5, 9]);
+    }
+
+    #[test]
+    fn property_random_streams_and_chunkings() {
+        const EVENT: &[u8] = b"event: injected\ndata: {}\n\n";
+        let mut rng = Rng(0x5eed_2024);
+        let (mut injections, mut events, mut zero_offsets) = (0usize, 0usize, 0usize);
+        for case in 0..4000 {
+            let s = stream(&mut rng);
+            let bounds = ref_boundaries(&s);
+            let original = decode(&s);
+            events += original.len();
+            let lens = cuts(&mut rng, &s);
+            for inject in [HEARTBEAT, EVENT] {
+                let mut f = Framing::new();
+                let (mut out, mut pos, mut n) = (Vec::new(), 0usize, 0usize);
+                for &len in &lens {
+                    let (start, end) = (pos, pos + len);
+                    let chunk = &s[start..end];
+                    let before = f.at_boundary();
+                    let got = f.feed(chunk);
+                    // Exactly the last boundary this chunk confirms: those inside it (not one right
+                    // after a CR at its end), or its start when that follows a CR.
+                    let inside = bounds.iter().copied().filter(|&b| {
+                        start < b && b <= end && !(b == end && s[b - 1] == b'\r')
+                    });
+                    let at_start =
+                        (start > 0 && end > start && s[start - 1] == b'\r' && bounds.contains(&start)).then_some(start);
+                    let want = inside.chain(at_start).max().map(|b| b - start);
+                    assert_eq!(got, want, "case {case}: chunk {start}..{end} of {:?}", String::from_utf8_lossy(&s));
+                    // (1) every reported offset is a boundary of the whole stream.
+                    if let Some(o) = got {
+                        assert!(bounds.contains(&(start + o)), "case {case}");
+                        zero_offsets += usize::from(o == 0);
+                    }
+                    // (2) at_boundary() == the concatenation so far ends at a boundary.
+                    let reference = end == 0 || (s[end - 1] != b'\r' && bounds.contains(&end));
+                    assert_eq!(f.at_boundary(), reference, "case {case}: after {end} of {:?}", String::from_utf8_lossy(&s));
+                    // (3) inject where the host would: at the reported offset, at the chunk's start
+                    // when the stream was at a boundary before it (not before a leading BOM).
+                    let mut c = chunk.to_vec();
+                    if let Some(o) = got {
+                        c = splice(&c, o, inject);
+                        n += 1;
+                    }
+                    if before && !chunk.is_empty() && !(start == 0 && s.starts_with("\u{feff}".as_bytes())) {
+                        c = splice(&c, 0, inject);
+                        n += 1;
+                    }
+                    out.extend_from_slice(&c);
+                    pos = end;
+                }
+                assert_eq!(pos, s.len());
+                if f.at_boundary() {
+                    out.extend_from_slice(inject);
+                    n += 1;
+                }
+                let decoded = decode(&out);
+                let upstream: Vec<Event> = decoded.iter().filter(|e| e.kind != b"injected").cloned().collect();
+                assert_eq!(upstream, original, "case {case}: {:?}", String::from_utf8_lossy(&out));
+                let ours = decoded.len() - upstream.len();
+                assert_eq!(ours, if inject == EVENT { n } else { 0 }, "case {case}");
+                assert!(decoded.iter().filter(|e| e.kind == b"injected").all(|e| e.data == b"{}"));
+                injections += n;
+            }
+        }
+        // The generator really exercises what it should.
+        assert!(events > 10_000 && injections > 10_000 && zero_offsets > 50, "{events} {injections} {zero_offsets}");
+    }
+}
