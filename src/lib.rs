@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod resilience;
+pub mod sse;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

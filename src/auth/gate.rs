@@ -13,8 +13,10 @@ use crate::config::Config;
 
 /// The request data the gate reads.
 pub struct Request<'a> {
+    pub method: &'a [u8],
     /// `:path` with its query string.
     pub path: &'a str,
+    pub content_type: Option<&'a [u8]>,
     pub authorization: Option<&'a [u8]>,
     pub cookie: Option<&'a [u8]>,
 }
@@ -38,6 +40,21 @@ pub struct Verification {
     pub key: cache::Key,
     /// The verdict may come from, and go to, the cache (JWTs while caching is on; never tickets).
     pub cacheable: bool,
+    /// A challenge response: on success the filter answers 204 itself and the user's open
+    /// streams on the topic take the new expiry; the request is never forwarded.
+    pub reauth: bool,
+}
+
+/// The content type of a challenge response (Zilla's SSE JWT guard wire format).
+pub const CHALLENGE_RESPONSE: &str = "application/x-challenge-response";
+
+/// A `POST` with `content-type: application/x-challenge-response` answers a challenge.
+fn is_challenge_response(req: &Request) -> bool {
+    req.method.eq_ignore_ascii_case(b"POST")
+        && req.content_type.is_some_and(|ct| {
+            let media = ct.split(|b| *b == b';').next().unwrap_or_default();
+            media.trim_ascii().eq_ignore_ascii_case(CHALLENGE_RESPONSE.as_bytes())
+        })
 }
 
 fn split_query(path: &str) -> (&str, Option<&str>) {
@@ -68,7 +85,8 @@ pub fn stripped_path(cfg: &Config, path: &str) -> Option<String> {
 
 pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
     let (path_only, query) = split_query(req.path);
-    if cfg.development_mode() {
+    let reauth = is_challenge_response(req);
+    if cfg.development_mode() && !reauth {
         return Step::Pass;
     }
     let Some(topic_id) = topic::segment(path_only, &cfg.topic.path_prefix).and_then(topic::id) else {
@@ -77,7 +95,7 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
     let parts = RequestParts { authorization: req.authorization, cookie: req.cookie, query };
     let credential = match token::extract(&cfg.token, &parts) {
         Ok(c) => c,
-        Err(TokenError::Missing) if !cfg.verifier.require_authentication => {
+        Err(TokenError::Missing) if !cfg.verifier.require_authentication && !reauth => {
             return Step::Pass;
         }
         Err(TokenError::Missing) => {
@@ -106,7 +124,14 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
     }
     let key = cache::key(&credential.value, &topic_id);
     let cacheable = credential.kind == Kind::Jwt && cfg.verifier.cache_enabled();
-    Step::Verify(Verification { credential, topic_id, key, cacheable })
+    if cfg.development_mode() {
+        // Nothing to verify a refresh against: streams in development mode never expire by token.
+        return Step::Reply(Reply::new(
+            Code::UserMismatch,
+            "development mode: there is no session to re-authorize",
+        ));
+    }
+    Step::Verify(Verification { credential, topic_id, key, cacheable, reauth })
 }
 
 #[cfg(test)]
@@ -131,7 +156,43 @@ mod tests {
     }
 
     fn run(cfg: &Config, path: &str, auth: Option<&str>) -> Step {
-        admit(cfg, &Request { path, authorization: auth.map(str::as_bytes), cookie: None }, 1000)
+        let req = Request {
+            method: b"GET",
+            path,
+            content_type: None,
+            authorization: auth.map(str::as_bytes),
+            cookie: None,
+        };
+        admit(cfg, &req, 1000)
+    }
+
+    fn post(cfg: &Config, path: &str, content_type: &str, auth: Option<&str>) -> Step {
+        let req = Request {
+            method: b"POST",
+            path,
+            content_type: Some(content_type.as_bytes()),
+            authorization: auth.map(str::as_bytes),
+            cookie: None,
+        };
+        admit(cfg, &req, 1000)
+    }
+
+    #[test]
+    fn challenge_responses_are_reauthorizations() {
+        let c = cfg("");
+        let bearer = format!("Bearer {}", jwt(2000));
+        for ct in ["application/x-challenge-response", "Application/X-Challenge-Response; charset=utf-8"] {
+            let Step::Verify(v) = post(&c, "/events/news", ct, Some(&bearer)) else { panic!("{ct}") };
+            assert!(v.reauth);
+        }
+        let Step::Verify(v) = post(&c, "/events/news", "application/json", Some(&bearer)) else { panic!() };
+        assert!(!v.reauth);
+        let Step::Verify(v) = run(&c, "/events/news", Some(&bearer)) else { panic!() };
+        assert!(!v.reauth);
+        assert_eq!(code(post(&c, "/events/news", CHALLENGE_RESPONSE, None)), "missing_token");
+        let mut optional = c.clone();
+        optional.verifier.require_authentication = false;
+        assert_eq!(code(post(&optional, "/events/news", CHALLENGE_RESPONSE, None)), "missing_token");
     }
 
     fn code(step: Step) -> &'static str {

@@ -8,16 +8,19 @@ pub enum Code {
     MalformedAuthorization,
     InvalidToken,
     NoTopic,
+    /// A challenge response whose user has no open stream on that topic in this Envoy.
+    UserMismatch,
     RateLimited,
     AuthUnavailable,
 }
 
 impl Code {
-    pub const ALL: [Code; 6] = [
+    pub const ALL: [Code; 7] = [
         Code::MissingToken,
         Code::MalformedAuthorization,
         Code::InvalidToken,
         Code::NoTopic,
+        Code::UserMismatch,
         Code::RateLimited,
         Code::AuthUnavailable,
     ];
@@ -28,6 +31,7 @@ impl Code {
             Code::MalformedAuthorization => "malformed_authorization",
             Code::InvalidToken => "invalid_token",
             Code::NoTopic => "no_topic",
+            Code::UserMismatch => "user_mismatch",
             Code::RateLimited => "rate_limited",
             Code::AuthUnavailable => "auth_unavailable",
         }
@@ -36,6 +40,7 @@ impl Code {
     pub fn status(self) -> u32 {
         match self {
             Code::MissingToken | Code::MalformedAuthorization | Code::InvalidToken => 401,
+            Code::UserMismatch => 403,
             Code::NoTopic => 404,
             Code::RateLimited => 429,
             Code::AuthUnavailable => 503,

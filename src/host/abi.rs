@@ -37,6 +37,14 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> Status;
+    fn proxy_close_stream(stream_type: StreamType) -> Status;
+    fn proxy_set_buffer_bytes(
+        buffer_type: BufferType,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> Status;
     fn proxy_get_buffer_bytes(
         buffer_type: BufferType,
         start: usize,
@@ -95,6 +103,37 @@ pub fn resume_request() -> Result<(), Status> {
     check(unsafe { proxy_continue_stream(StreamType::HttpRequest) })
 }
 
+pub fn resume_response() -> Result<(), Status> {
+    // SAFETY: plain call without pointers.
+    check(unsafe { proxy_continue_stream(StreamType::HttpResponse) })
+}
+
+/// Ends the stream from the filter (both directions are reset; the upstream request is released).
+pub fn close_response() -> Result<(), Status> {
+    // SAFETY: plain call without pointers.
+    check(unsafe { proxy_close_stream(StreamType::HttpResponse) })
+}
+
+/// Replaces the whole current chunk of a response body with `value`.
+pub fn replace_body(size: usize, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointer valid for its length for the duration of the call.
+    check(unsafe {
+        proxy_set_buffer_bytes(BufferType::HttpResponseBody, 0, size, value.as_ptr(), value.len())
+    })
+}
+
+/// Appends `value` to the response body Envoy holds for this stream. Envoy only exposes that
+/// buffer while the filter is holding the body (its last body callback returned `Pause`);
+/// otherwise this fails with `BadArgument`.
+pub fn append_body(value: &[u8]) -> Result<(), Status> {
+    // A start past the end means "append" to Envoy.
+    let start = i32::MAX as usize;
+    // SAFETY: pointer valid for its length for the duration of the call.
+    check(unsafe {
+        proxy_set_buffer_bytes(BufferType::HttpResponseBody, start, 0, value.as_ptr(), value.len())
+    })
+}
+
 /// The proxy-wasm header-map wire format: count, (key len, value len) pairs, then NUL-terminated
 /// keys and values.
 fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
@@ -125,6 +164,9 @@ pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Resu
 
 /// Up to `max` bytes of a buffer (empty when the host has none).
 pub fn buffer(kind: BufferType, max: usize) -> Result<Vec<u8>, Status> {
+    if max == 0 {
+        return Ok(Vec::new());
+    }
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes an allocated buffer to data/size on Ok.

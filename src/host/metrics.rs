@@ -13,7 +13,7 @@ type Id = Option<u32>;
 pub struct Metrics {
     pub requests: Id,
     pub allowed: Id,
-    pub denied: [Id; 6],
+    pub denied: [Id; 7],
     pub cache_hits: Id,
     pub cache_misses: Id,
     pub webhook_calls: Id,
@@ -28,6 +28,11 @@ pub struct Metrics {
     pub circuit_opened: Id,
     pub circuit_closed: Id,
     pub circuit_rejected: Id,
+    pub open_streams: Id,
+    pub heartbeats: Id,
+    pub challenges: Id,
+    pub reauthorizations: Id,
+    pub streams_expired: Id,
 }
 
 const FAILURE_KINDS: [&str; 4] = ["status", "malformed", "reset", "timeout"];
@@ -45,7 +50,7 @@ fn define(kind: MetricType, name: &str) -> Id {
 impl Metrics {
     pub fn define() -> Metrics {
         let c = |n: &str| define(MetricType::Counter, &format!("revenprox_{n}"));
-        let mut denied = [None; 6];
+        let mut denied = [None; Code::ALL.len()];
         for (slot, code) in denied.iter_mut().zip(Code::ALL) {
             *slot = c(&format!("denied_{}", code.as_str()));
         }
@@ -70,12 +75,24 @@ impl Metrics {
             circuit_opened: c("circuit_opened"),
             circuit_closed: c("circuit_closed"),
             circuit_rejected: c("circuit_rejected"),
+            open_streams: define(MetricType::Gauge, "revenprox_open_streams"),
+            heartbeats: c("heartbeats_sent"),
+            challenges: c("challenges_sent"),
+            reauthorizations: c("reauthorizations"),
+            streams_expired: c("streams_expired"),
         }
     }
 
     pub fn inc(id: Id) {
         if let Some(id) = id {
             let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    /// Adds to a counter or moves a gauge (negative offsets lower a gauge).
+    pub fn inc_by(id: Id, offset: i64) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, offset);
         }
     }
 

@@ -4,6 +4,7 @@
 mod abi;
 mod metrics;
 pub mod root;
+mod sessions;
 mod shared;
 mod stream;
 mod worker;

@@ -4,6 +4,7 @@
 
 use super::metrics::Metrics;
 use super::now_ms;
+use super::sessions;
 use super::shared;
 use super::stream::Stream;
 use super::worker::{self, Worker, WorkerRef};
@@ -13,6 +14,23 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 use std::cell::RefCell;
 use std::rc::Rc;
+
+/// Registers this VM's release queue under a name no other VM uses (a queue is delivered to the
+/// last context that registered its name, so names must not collide across workers). The name is
+/// random (WASI `random_get` seeds `RandomState`), which needs no shared counter and no CAS.
+fn register_release_queue() -> Option<u32> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    let name = format!("revenprox.release.{:016x}", h.finish());
+    match hostcalls::register_shared_queue(&name) {
+        Ok(id) => Some(id),
+        Err(status) => {
+            log::warn!("revenprox: no release queue ({status:?}): heartbeats only ride on upstream chunks");
+            None
+        }
+    }
+}
 
 pub struct Root {
     id: u32,
@@ -58,8 +76,14 @@ impl RootContext for Root {
             );
         }
         shared::init(cfg.verifier.rate_limit_per_sec, now_ms());
-        self.worker = Some(Rc::new(RefCell::new(Worker::new(Rc::new(cfg), Metrics::define(), self.id))));
+        let mut worker = Worker::new(Rc::new(cfg), Metrics::define(), self.id);
+        worker.sessions.queue = register_release_queue();
+        self.worker = Some(Rc::new(RefCell::new(worker)));
         true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        sessions::drain(queue_id);
     }
 
     fn on_tick(&mut self) {

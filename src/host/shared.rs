@@ -10,6 +10,7 @@
 use crate::auth::cache::{self, Entry, Key};
 use crate::resilience::breaker::{self, Admit, Settings};
 use crate::resilience::limiter::{Bucket, Take};
+use crate::sse::registry;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
@@ -110,4 +111,45 @@ pub fn limiter_take(rate: u32, now_ms: u64) -> (Take, Option<bool>) {
         ((take, flip), take.write.map(|b| b.encode().to_vec()))
     })
     .unwrap_or((Take { allowed: false, wait_ms: 1000, write: None }, None))
+}
+
+fn registry_candidates(key: &registry::Key) -> ([u32; 2], [Option<registry::Entry>; 2]) {
+    let [a, b] = registry::slots(key);
+    let get = |n: u32| read(&registry::slot_name(n)).0.and_then(|v| registry::Entry::decode(&v));
+    ([a, b], [get(a), if a == b { None } else { get(b) }])
+}
+
+/// The live registry entry of a (user, topic) stream key.
+pub fn registry_get(key: &registry::Key, now_ms: u64) -> Option<registry::Entry> {
+    registry::find(key, now_ms, &registry_candidates(key).1).map(|(_, e)| e)
+}
+
+/// Marks a stream key as having an open stream now (keeping its re-authorized expiry).
+pub fn registry_touch(key: &registry::Key, now_ms: u64) {
+    let (names, candidates) = registry_candidates(key);
+    let slot = names.get(registry::place(key, now_ms, &candidates)).copied().unwrap_or(names[0]);
+    let _ = cas_update(&registry::slot_name(slot), |v| {
+        let existing = v.and_then(registry::Entry::decode);
+        ((), Some(registry::touched(existing, key, now_ms).encode()))
+    });
+}
+
+/// Gives the streams of a key the expiry `expires_at`. `false` when no stream of that key is open
+/// (then nothing is written).
+pub fn registry_reauthorize(key: &registry::Key, expires_at: u64, now_ms: u64) -> bool {
+    let (names, candidates) = registry_candidates(key);
+    let Some((index, _)) = registry::find(key, now_ms, &candidates) else {
+        return false;
+    };
+    let Some(slot) = names.get(index) else {
+        return false;
+    };
+    cas_update(&registry::slot_name(*slot), |v| match v.and_then(registry::Entry::decode) {
+        Some(e) if &e.key == key && e.live(now_ms) => {
+            let updated = registry::Entry { expires_at: e.expires_at.max(expires_at), ..e };
+            (true, Some(updated.encode()))
+        }
+        _ => (false, None),
+    })
+    .unwrap_or(false)
 }

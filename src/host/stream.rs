@@ -4,6 +4,7 @@
 use super::abi;
 use super::metrics::Metrics;
 use super::now_ms;
+use super::sessions;
 use super::worker::{self, Begun, WorkerRef};
 use crate::auth::gate::{self, Step};
 use crate::auth::reply::{Code, Reply};
@@ -35,6 +36,7 @@ impl Context for Stream {
 
     fn on_done(&mut self) -> bool {
         if let Some(w) = &self.worker {
+            sessions::close(w, self.id);
             worker::leave(w, self.id, now_ms());
         }
         true
@@ -42,6 +44,22 @@ impl Context for Stream {
 }
 
 impl HttpContext for Stream {
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(w) = &self.worker {
+            let now = now_ms();
+            sessions::open(w, self.id, now);
+            worker::reschedule(w, now);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match &self.worker {
+            Some(w) => sessions::body(w, self.id, body_size, end_of_stream, now_ms()),
+            None => Action::Continue,
+        }
+    }
+
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(w) = self.worker.clone() else {
             worker::reply(
@@ -74,8 +92,15 @@ impl HttpContext for Stream {
         let authorization = Self::request_header("authorization");
         let cookie = Self::request_header("cookie");
         let now = now_ms();
-        let request =
-            gate::Request { path: &path, authorization: authorization.as_deref(), cookie: cookie.as_deref() };
+        let method = Self::request_header(":method").unwrap_or_default();
+        let content_type = Self::request_header("content-type");
+        let request = gate::Request {
+            method: &method,
+            path: &path,
+            content_type: content_type.as_deref(),
+            authorization: authorization.as_deref(),
+            cookie: cookie.as_deref(),
+        };
         match gate::admit(&cfg, &request, now / 1000) {
             Step::Reply(reply) => {
                 worker::reply(&metrics, &reply);
@@ -89,7 +114,7 @@ impl HttpContext for Stream {
                 }
             }
             Step::Verify(v) => match worker::begin(&w, self.id, v, now) {
-                Begun::Allowed(_) => Action::Continue,
+                Begun::Allowed => Action::Continue,
                 Begun::Paused => Action::Pause,
             },
         }

@@ -8,6 +8,7 @@
 
 use super::abi;
 use super::metrics::Metrics;
+use super::sessions::{self, Identity, Sessions};
 use super::shared;
 use crate::auth::cache;
 use crate::auth::gate::Verification;
@@ -17,6 +18,7 @@ use crate::auth::verdict::{self, Failure, Verdict, MAX_BODY};
 use crate::config::Config;
 use crate::resilience::breaker::{self, Admit};
 use crate::resilience::flight::{FlightKey, Flights, Waiter};
+use crate::sse::registry;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 use std::cell::RefCell;
@@ -34,6 +36,7 @@ pub struct Worker {
     /// The tick period currently set, to avoid redundant host calls.
     tick_ms: u64,
     breaker_seen: Option<breaker::State>,
+    pub sessions: Sessions,
 }
 
 pub type WorkerRef = Rc<RefCell<Worker>>;
@@ -48,6 +51,7 @@ impl Worker {
             root_id,
             tick_ms: 0,
             breaker_seen: None,
+            sessions: Sessions::default(),
         }
     }
 
@@ -100,7 +104,7 @@ pub fn forward(cfg: &Config, metrics: &Metrics, user_id: Option<&str>) -> bool {
 /// The outcome of `begin` for the request headers callback.
 pub enum Begun {
     /// Allowed from the cache: continue at once (identity already set).
-    Allowed(cache::Entry),
+    Allowed,
     /// Waiting for a verdict, or answered locally.
     Paused,
 }
@@ -114,8 +118,9 @@ pub fn begin(w: &WorkerRef, ctx: u32, v: Verification, now_ms: u64) -> Begun {
     if v.cacheable {
         if let Some(hit) = shared::cache_get(&v.key, cfg.verifier.cache_max_size, now_ms) {
             Metrics::inc(metrics.cache_hits);
-            return if forward(&cfg, &metrics, Some(&hit.user_id)) {
-                Begun::Allowed(hit)
+            let waiter = Waiter { context_id: ctx, reauth: v.reauth };
+            return if allow(w, &waiter, &hit.user_id, hit.expires_at, &v.topic_id, now_ms) && !v.reauth {
+                Begun::Allowed
             } else {
                 Begun::Paused
             };
@@ -126,7 +131,7 @@ pub fn begin(w: &WorkerRef, ctx: u32, v: Verification, now_ms: u64) -> Begun {
         Kind::Jwt => FlightKey::Shared(v.key),
         Kind::Ticket => FlightKey::Solo(ctx),
     };
-    let waiter = Waiter { context_id: ctx };
+    let waiter = Waiter { context_id: ctx, reauth: v.reauth };
     if w.borrow_mut().flights.join(key, waiter) {
         Metrics::inc(metrics.singleflight_joins);
         return Begun::Paused;
@@ -324,8 +329,9 @@ fn finish(w: &WorkerRef, key: FlightKey, verdict: Verdict, now_ms: u64) {
             continue; // that stream is gone
         }
         match &verdict {
-            Verdict::Allow { user_id, .. } => {
-                if forward(&cfg, &metrics, Some(user_id)) {
+            Verdict::Allow { user_id, expires_at } => {
+                let topic = &flight.verification.topic_id;
+                if allow(w, waiter, user_id, *expires_at, topic, now_ms) && !waiter.reauth {
                     if let Err(status) = abi::resume_request() {
                         log::warn!("revenprox: resuming a request failed: {status:?}");
                     }
@@ -339,7 +345,47 @@ fn finish(w: &WorkerRef, key: FlightKey, verdict: Verdict, now_ms: u64) {
     }
 }
 
-/// Root timer: makes the calls that are due (retries, and calls whose maker went away).
+/// An allowed verdict for one waiter (in its effective context). A stream request gets its
+/// identity and goes upstream (`true`: resume it); a challenge response is answered here: 204 when
+/// the user has an open stream on the topic (which then takes the new expiry), else 403.
+fn allow(
+    w: &WorkerRef,
+    waiter: &Waiter,
+    user_id: &str,
+    expires_at: u64,
+    topic_id: &str,
+    now_ms: u64,
+) -> bool {
+    let (cfg, metrics) = {
+        let wb = w.borrow();
+        (Rc::clone(&wb.cfg), wb.metrics.clone())
+    };
+    if !waiter.reauth {
+        let ok = forward(&cfg, &metrics, Some(user_id));
+        if ok {
+            let identity =
+                Identity { user_id: user_id.to_string(), topic_id: topic_id.to_string(), expires_at };
+            sessions::allowed(w, waiter.context_id, identity);
+        }
+        return ok;
+    }
+    let key = registry::key(user_id, topic_id);
+    if shared::registry_reauthorize(&key, expires_at, now_ms) {
+        sessions::extend_local(w, &key, expires_at);
+        reschedule(w, now_ms);
+        Metrics::inc(metrics.reauthorizations);
+        log::debug!("revenprox: re-authorized a user's streams on topic {topic_id} until {expires_at}");
+        if let Err(status) = abi::send_response(204, &[("cache-control", "no-store")], b"") {
+            log::warn!("revenprox: local reply failed: {status:?}");
+        }
+    } else {
+        reply(&metrics, &Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
+    }
+    false
+}
+
+/// Root timer: makes the calls that are due (retries, and calls whose maker went away), then
+/// the sessions' injections.
 pub fn tick(w: &WorkerRef, now_ms: u64) {
     let (due, root) = {
         let wb = w.borrow();
@@ -348,6 +394,7 @@ pub fn tick(w: &WorkerRef, now_ms: u64) {
     for key in due {
         call(w, key, root, now_ms);
     }
+    sessions::tick(w, now_ms);
     reschedule(w, now_ms);
 }
 
@@ -369,10 +416,16 @@ pub fn leave(w: &WorkerRef, ctx: u32, now_ms: u64) {
     }
 }
 
-/// Sets the root's timer to the earliest due call (or stops it).
+/// Timer granularity: calls and injections are never early, and at most this late.
+const MIN_TICK_MS: u64 = 20;
+
+/// Sets the root's timer to the earliest due call or session deadline (or stops it).
 pub fn reschedule(w: &WorkerRef, now_ms: u64) {
-    let next = w.borrow().flights.next_due_ms();
-    let period = next.map_or(0, |due| due.saturating_sub(now_ms).clamp(1, 1000));
+    let next = {
+        let wb = w.borrow();
+        [wb.flights.next_due_ms(), wb.sessions.next_deadline_ms()].into_iter().flatten().min()
+    };
+    let period = next.map_or(0, |due| due.saturating_sub(now_ms).clamp(MIN_TICK_MS, 1000));
     let mut wb = w.borrow_mut();
     if period != wb.tick_ms {
         wb.tick_ms = period;

@@ -18,6 +18,8 @@ pub enum FlightKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waiter {
     pub context_id: u32,
+    /// A challenge response (answered 204 by the filter) rather than a stream to forward.
+    pub reauth: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +194,7 @@ mod tests {
     use super::*;
 
     fn w(id: u32) -> Waiter {
-        Waiter { context_id: id }
+        Waiter { context_id: id, reauth: false }
     }
 
     #[test]

@@ -2,4 +2,5 @@
 //! upstream event stream (`framing`) and what it must put there when (`session`).
 
 pub mod framing;
+pub mod registry;
 pub mod session;
