@@ -569,6 +569,19 @@ mod tests {
     }
 
     #[test]
+    fn every_key_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("<!-- config-reference").unwrap();
+        let end = readme.find("<!-- /config-reference -->").unwrap();
+        let table = &readme[start..end];
+        for key in KNOWN_KEYS {
+            assert!(table.contains(&format!("| `{key}` |")), "README config reference lacks {key}");
+        }
+        let documented = table.lines().filter(|l| l.starts_with("| `")).count();
+        assert_eq!(documented, KNOWN_KEYS.len(), "README documents keys the parser does not know");
+    }
+
+    #[test]
     fn known_keys_match_the_parser() {
         // Every documented key is accepted...
         for key in KNOWN_KEYS {

@@ -3,7 +3,7 @@
 //! The topic is the first path segment after `topic.path_prefix`. Its id is the segment itself,
 //! lowercased, when it already is 32 hex digits; otherwise the first 16 bytes of SHA-256 of the
 //! percent-decoded segment, hex-encoded. Example: `/events/news` → SHA-256("news")[..16] =
-//! `1c1ef58b9ee5aa6f0abf3df0cf0a4ec1`.
+//! `19fba0e995b9794fc2c26217bf3b725c`.
 
 use super::percent::decode_component;
 use sha2::{Digest, Sha256};
@@ -53,9 +53,10 @@ mod tests {
 
     #[test]
     fn names_are_hashed_after_decoding() {
-        // sha256("news") = 1c1ef58b9ee5aa6f0abf3df0cf0a4ec1...
+        // The README's worked example.
         let news = id("news").unwrap();
-        assert_eq!(news.len(), 32);
+        assert_eq!(news, "19fba0e995b9794fc2c26217bf3b725c");
+        assert_eq!(id("caf%C3%A9").unwrap(), "850f7dc43910ff890f8879c0ed26fe69");
         assert_eq!(news, hex::encode(&Sha256::digest(b"news")[..16]));
         assert_eq!(id("caf%C3%A9").unwrap(), hex::encode(&Sha256::digest("café".as_bytes())[..16]));
         assert_eq!(id("n%65ws").unwrap(), news);
