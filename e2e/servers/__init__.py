@@ -1,0 +1,1 @@
+"""Real HTTP servers used by the RevenProx e2e tests and by the demo."""

@@ -1,0 +1,271 @@
+r"""SSE topic server behind RevenProx: a real HTTP/1.1 server on 127.0.0.1.
+
+GET /events/<topic...>  -> 200 text/event-stream (chunked). The first event's data is JSON
+                           echoing what arrived: {"path": <raw path incl. query>,
+                           "headers": {lowercased name: value}}. Then, per request header
+                           `x-upstream-mode` (or the server default):
+                             end     end the response (terminating chunk)
+                             stream  `id: <send time>` + `data: tick N` every
+                                     `x-upstream-interval` s (default 1) until the client goes away
+                             split   after `x-upstream-split-delay` s (default 1.5) one event in
+                                     two chunks with the same pause inside it
+                                     ("data: first-half-" ... "second-half\n\n"), then
+                                     "data: after\n\n" and the end
+                             silent  send nothing more, hold the stream open until the client
+                                     goes away
+GET /health             -> 200 text/plain "ok"
+anything else           -> a file from --static-dir if present, else 200 text/plain "upstream <path>"
+
+Every request is recorded (method, path, headers) so tests can assert that a refused request
+never reached the upstream.
+
+Demo mode (standalone): python3 e2e/servers/sse_upstream.py --demo --port 9002 [--static-dir demo/static]
+streams one event per second on every topic: data {"topic","seq","user","time"}.
+"""
+import argparse
+import json
+import mimetypes
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: list
+    time: float
+
+    def header(self, name):
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def header_all(self, name):
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = "revenprox-test-upstream"
+    sys_version = ""
+
+    def log_message(self, fmt, *args):
+        if self.server.owner.verbose:
+            sys.stderr.write("upstream: " + (fmt % args) + "\n")
+
+    # -- helpers -------------------------------------------------------------------------
+    def _chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _client_gone(self, wait: float) -> bool:
+        """Wait up to `wait` s; True when the peer closed (readable with EOF) or errored."""
+        try:
+            r, _, x = select.select([self.connection], [], [self.connection], wait)
+            if x:
+                return True
+            if r:
+                if self.connection.recv(1, socket.MSG_PEEK) == b"":  # EOF: client went away
+                    return True
+                time.sleep(wait)  # unexpected bytes from the client: ignore, don't spin
+        except OSError:
+            return True
+        return False
+
+    def _simple(self, status, body: bytes, ctype="text/plain; charset=utf-8"):
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self):
+        n = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _handle(self):
+        owner: SseUpstream = self.server.owner
+        owner._record(Request(self.command, self.path, list(self.headers.items()), time.time()))
+        if self.command in ("POST", "PUT"):
+            self._read_body()
+        raw_path = self.path.split("?", 1)[0]
+        if raw_path.startswith("/events/") and self.command in ("GET", "HEAD"):
+            return self._sse(raw_path)
+        if raw_path == "/health":
+            return self._simple(200, b"ok")
+        if owner.static_dir and self.command == "GET":
+            rel = "index.html" if raw_path in ("/", "") else urllib.parse.unquote(raw_path.lstrip("/"))
+            full = os.path.realpath(os.path.join(owner.static_dir, rel))
+            if full.startswith(os.path.realpath(owner.static_dir) + os.sep) and os.path.isfile(full):
+                with open(full, "rb") as f:
+                    data = f.read()
+                ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
+                return self._simple(200, data, ctype)
+        return self._simple(200, f"upstream {self.command} {self.path}\n".encode())
+
+    do_GET = _handle
+    do_POST = _handle
+    do_HEAD = _handle
+    do_PUT = _handle
+    do_DELETE = _handle
+
+    def _sse(self, raw_path):
+        owner: SseUpstream = self.server.owner
+        mode = (self.headers.get("x-upstream-mode") or owner.default_mode).lower()
+        try:
+            interval = float(self.headers.get("x-upstream-interval") or owner.interval)
+        except ValueError:
+            interval = owner.interval
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        if self.command == "HEAD":
+            self.close_connection = True
+            return
+        topic_seg = raw_path[len("/events/"):].split("/", 1)[0]
+        topic = urllib.parse.unquote(topic_seg)
+        try:
+            if owner.demo:
+                user = self.headers.get(owner.user_header) or ""
+                seq = 0
+                while True:
+                    data = {"topic": topic, "seq": seq, "user": user, "time": time.strftime("%H:%M:%S")}
+                    self._chunk(f"id: {seq}\nevent: message\ndata: {json.dumps(data)}\n\n".encode())
+                    seq += 1
+                    if self._client_gone(interval):
+                        break
+            else:
+                echo = {
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                }
+                self._chunk(b"data: " + json.dumps(echo, separators=(",", ":")).encode() + b"\n\n")
+                if mode == "stream":
+                    n = 1
+                    while not self._client_gone(interval):
+                        # id = send time, so a client can measure the latency Envoy adds
+                        self._chunk(f"id: {time.time():.6f}\ndata: tick {n}\n\n".encode())
+                        n += 1
+                elif mode == "split":
+                    # one event split across two chunks with a pause inside it, then one more event
+                    delay = float(self.headers.get("x-upstream-split-delay") or 1.5)
+                    if self._client_gone(delay):
+                        return
+                    self._chunk(b"data: first-half-")
+                    if self._client_gone(delay):
+                        return
+                    self._chunk(b"second-half\n\n")
+                    self._chunk(b"data: after\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    return
+                elif mode == "silent":
+                    while not self._client_gone(0.5):
+                        pass
+                else:  # end
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    return
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # listen backlog: herds of connections must not be refused
+    block_on_close = False
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        # a peer (Envoy, a test client) resetting a connection is normal here: stay quiet
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class SseUpstream:
+    def __init__(self, host="127.0.0.1", port=0, default_mode="end", interval=1.0, demo=False,
+                 static_dir=None, user_header="x-revenprox-user", verbose=False):
+        self.host = host
+        self.requested_port = port
+        self.default_mode = default_mode
+        self.interval = interval
+        self.demo = demo
+        self.static_dir = static_dir
+        self.user_header = user_header
+        self.verbose = verbose
+        self._lock = threading.Lock()
+        self._requests = []
+        self._httpd = None
+
+    def start(self):
+        self._httpd = _Server((self.host, self.requested_port), _Handler)
+        self._httpd.owner = self
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        return self
+
+    @property
+    def port(self):
+        return self._httpd.server_address[1]
+
+    def stop(self):
+        if self._httpd:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def _record(self, req):
+        with self._lock:
+            self._requests.append(req)
+
+    @property
+    def requests(self):
+        with self._lock:
+            return list(self._requests)
+
+    def requests_containing(self, needle: str):
+        """Requests whose path or any header value contains `needle`."""
+        return [r for r in self.requests if needle in r.path or any(needle in v for _, v in r.headers)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("UPSTREAM_PORT", "9002")))
+    ap.add_argument("--demo", action="store_true", help="publish one event per second on every topic")
+    ap.add_argument("--mode", default="stream", choices=["end", "stream", "silent"], help="test-mode default")
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--static-dir", default=None)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    srv = SseUpstream(args.host, args.port, default_mode=args.mode, interval=args.interval, demo=args.demo,
+                      static_dir=args.static_dir, verbose=args.verbose).start()
+    print(f"sse upstream listening on http://{args.host}:{srv.port}/events/<topic> demo={args.demo}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    srv.stop()
+
+
+if __name__ == "__main__":
+    main()
