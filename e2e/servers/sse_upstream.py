@@ -13,6 +13,9 @@ GET /events/<topic...>  -> 200 text/event-stream (chunked). The first event's da
                                      "data: after\n\n" and the end
                              silent  send nothing more, hold the stream open until the client
                                      goes away
+                             big     one 2 MB event (`id: big`) in 64 KB chunks, then
+                                     "data: after-big\n\n" and the end
+                             reset   "data: tick 1\n\n" and half an event, then a TCP reset
 GET /health             -> 200 text/plain "ok"
 anything else           -> a file from --static-dir if present, else 200 text/plain "upstream <path>"
 
@@ -23,12 +26,14 @@ Demo mode (standalone): python3 e2e/servers/sse_upstream.py --demo --port 9002 [
 streams one event per second on every topic: data {"topic","seq","user","time"}.
 """
 import argparse
+import io
 import json
 import mimetypes
 import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -175,6 +180,25 @@ class _Handler(BaseHTTPRequestHandler):
                     self._chunk(b"data: after\n\n")
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
+                    return
+                elif mode == "big":
+                    # one 2 MB event in 64 KB chunks (the client checks it arrives unchanged), then one more
+                    payload = (b"0123456789abcdef" * 4096)[:65536]
+                    event = b"id: big\ndata: " + payload * 32 + b"\n\n"
+                    for i in range(0, len(event), 65536):
+                        self._chunk(event[i:i + 65536])
+                    self._chunk(b"data: after-big\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    return
+                elif mode == "reset":
+                    # half an event, then the connection is torn down without a terminating chunk
+                    self._chunk(b"data: tick 1\n\ndata: half-")
+                    time.sleep(0.3)
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    # close the fd itself (rfile/wfile keep the socket object alive): linger 0 = RST
+                    os.close(self.connection.detach())
+                    self.wfile = io.BytesIO()
                     return
                 elif mode == "silent":
                     while not self._client_gone(0.5):
