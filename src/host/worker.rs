@@ -403,13 +403,16 @@ pub fn leave(w: &WorkerRef, ctx: u32, now_ms: u64) {
     let orphaned = {
         let mut wb = w.borrow_mut();
         let Worker { flights, call_owner, .. } = &mut *wb;
-        match flights.leave(ctx, |call| call_owner.get(&call) == Some(&ctx)) {
+        let orphaned = match flights.leave(ctx, |call| call_owner.get(&call) == Some(&ctx)) {
             Some((key, true)) => {
                 flights.recall(&key, now_ms);
                 true
             }
             _ => false,
-        }
+        };
+        // Calls this stream made will never be answered to it: forget them.
+        call_owner.retain(|_, owner| *owner != ctx);
+        orphaned
     };
     if orphaned {
         reschedule(w, now_ms);
