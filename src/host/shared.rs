@@ -101,6 +101,14 @@ pub fn breaker_record(
     .flatten()
 }
 
+/// Gives back a probe that was admitted but never made.
+pub fn breaker_abandon_probe(now_ms: u64) {
+    let _ = cas_update(BREAKER, |v| {
+        let state = v.and_then(breaker::State::decode).unwrap_or_default();
+        ((), breaker::abandon_probe(state, now_ms).map(|n| n.encode().to_vec()))
+    });
+}
+
 /// Takes one verification from the Envoy-wide bucket. Also returns the bucket's `limiting` flag
 /// change, if this take changed it (for logging once per Envoy).
 pub fn limiter_take(rate: u32, now_ms: u64) -> (Take, Option<bool>) {

@@ -161,8 +161,8 @@ pub fn begin(w: &WorkerRef, ctx: u32, v: Verification, now_ms: u64) -> Begun {
     if !take.allowed {
         Metrics::inc(metrics.rate_limited);
         if probe {
-            // Give the probe back: nothing was tried.
-            let _ = shared::breaker_record(false, true, &settings, now_ms);
+            // Nothing was tried: the next verification may probe.
+            shared::breaker_abandon_probe(now_ms);
         }
         reply(
             &metrics,

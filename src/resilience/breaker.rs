@@ -67,6 +67,15 @@ pub fn record(state: State, ok: bool, probe: bool, now_ms: u64, s: &Settings) ->
     }
 }
 
+/// A probe that was admitted but never made (e.g. the rate limit refused it): the next
+/// verification may probe at once.
+pub fn abandon_probe(state: State, now_ms: u64) -> Option<State> {
+    match state {
+        State::HalfOpen { .. } => Some(State::Open { until_ms: now_ms }),
+        _ => None,
+    }
+}
+
 impl State {
     /// 0 closed, 1 open, 2 half-open (the `revenprox_circuit_state` gauge).
     pub fn gauge(self) -> u64 {
@@ -141,6 +150,14 @@ mod tests {
         // Non-probe results do not decide.
         assert_eq!(record(half, true, false, 300, &S), None);
         assert_eq!(record(open, false, false, 300, &S), None);
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_request_probe() {
+        let half = State::HalfOpen { since_ms: 50 };
+        let open = abandon_probe(half, 60).unwrap();
+        assert_eq!(admit(open, 60, &S).0, Admit::Probe);
+        assert_eq!(abandon_probe(State::Closed { failures: 1 }, 60), None);
     }
 
     #[test]
