@@ -39,7 +39,12 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+try:  # imported as servers.sse_upstream
+    from .httpbase import QuietServer
+except ImportError:  # run as a script
+    from httpbase import QuietServer  # type: ignore
 
 
 @dataclass
@@ -212,17 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # listen backlog: herds of connections must not be refused
-    block_on_close = False
-    allow_reuse_address = True
-
-    def handle_error(self, request, client_address):
-        # a peer (Envoy, a test client) resetting a connection is normal here: stay quiet
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
+_Server = QuietServer
 
 
 class SseUpstream:

@@ -24,13 +24,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Optional, Union
 
 try:  # imported as servers.webhook
     from . import jwtutil
+    from .httpbase import QuietServer
 except ImportError:  # run as a script
     import jwtutil  # type: ignore
+    from httpbase import QuietServer  # type: ignore
 
 DEMO_TOPICS = {"alice": ["news", "sports"], "bob": ["news"]}
 
@@ -159,17 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = _handle
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # listen backlog: herds of connections must not be refused
-    block_on_close = False
-    allow_reuse_address = True
-
-    def handle_error(self, request, client_address):
-        # a peer (Envoy, a test client) resetting a connection is normal here: stay quiet
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
+_Server = QuietServer
 
 
 class WebhookServer:
