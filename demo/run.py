@@ -9,42 +9,239 @@ Ports (override with environment variables):
     REVENPROX_DEMO_WEBHOOK_PORT=9001  REVENPROX_DEMO_UPSTREAM_PORT=9002
 Other environment: REVENPROX_DEMO_SECRET (HS256 secret; random by default),
     REVENPROX_WASM, REVENPROX_ENVOY (paths), REVENPROX_DEMO_DIR (work dir, default .build/demo).
+Session timing (browser page; e2e/test_browser.py makes them short):
+    REVENPROX_DEMO_HEARTBEAT_SEC=5   REVENPROX_DEMO_CHALLENGE_SEC=10   (plugin sse.* settings)
+    REVENPROX_DEMO_TOKEN_TTL_SEC=30  lifetime of the tokens the page gets from POST /demo/token
+    REVENPROX_DEMO_EVENT_INTERVAL_SEC=1  default pace of the topic streams (a page may ask ?every=N)
 
 Users and topics (the demo webhook's table): alice -> news, sports; bob -> news.
 Everything listens on 127.0.0.1. Ctrl-C / SIGTERM stops every child (by PID).
+
+The SSE upstream (cluster sse_upstream) is this file's demo app (`run.py --serve-app`): topic
+streams, the browser page from demo/static/ and POST /demo/token, which mints a demo token for
+the page (demo only: it hands out tokens to anyone who can reach it). docker-compose.yml runs
+the same processes.
 """
 import argparse
 import json
+import mimetypes
 import os
 import random
 import secrets
+import select
 import shlex
 import signal
 import socket
 import string
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "e2e" / "servers"))
 import jwtutil  # noqa: E402
+from webhook import DEMO_TOPICS as DEMO_USERS  # noqa: E402  (alice -> news, sports; bob -> news)
 
 TEMPLATE = REPO / "envoy" / "revenprox.yaml.tmpl"
+STATIC_DIR = REPO / "demo" / "static"
 
 
 def env_int(name, default):
     return int(os.environ.get(name, default))
 
 
+# Default ports (REVENPROX_DEMO_*PORT override them); docker-compose.yml uses the same ones.
+DEFAULT_PORTS = {"PORT": 8080, "ADMIN_PORT": 9901, "WEBHOOK_PORT": 9001, "UPSTREAM_PORT": 9002}
+
+
+def demo_settings(env=None):
+    """Session timing of the demo from `env` (default os.environ; {} gives the defaults)."""
+    env = os.environ if env is None else env
+    return {
+        "heartbeat_interval_sec": int(env.get("REVENPROX_DEMO_HEARTBEAT_SEC", 5)),
+        "challenge_before_expiry_sec": int(env.get("REVENPROX_DEMO_CHALLENGE_SEC", 10)),
+        "token_ttl_sec": int(env.get("REVENPROX_DEMO_TOKEN_TTL_SEC", 30)),
+        "event_interval_sec": float(env.get("REVENPROX_DEMO_EVENT_INTERVAL_SEC", "1")),
+    }
+
+
+def plugin_config(settings=None):
+    """The plugin configuration of the demo (also rendered into deploy/compose/envoy.yaml)."""
+    settings = settings or demo_settings()
+    return {
+        "jwt_verifier": {"webhook_url": "http://auth.demo/verify", "webhook_cluster": "auth_webhook",
+                         "timeout_ms": 2000, "retry_attempts": 1},
+        "sse": {"heartbeat_interval_sec": settings["heartbeat_interval_sec"],
+                "challenge_before_expiry_sec": settings["challenge_before_expiry_sec"]},
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo app: the SSE upstream behind Envoy (topic streams, the page, tokens for the page)
+# ------------------------------------------------------------------------------------------------
+class _AppHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = "revenprox-demo-app"
+    sys_version = ""
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("app: " + (fmt % args) + "\n")
+
+    def _reply(self, status, body, ctype="application/json", extra=()):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(data)))
+        self.send_header("cache-control", "no-store")
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _client_gone(self, wait):
+        try:
+            r, _, x = select.select([self.connection], [], [self.connection], wait)
+            if x:
+                return True
+            if r:
+                if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    return True
+                time.sleep(wait)
+        except OSError:
+            return True
+        return False
+
+    def do_GET(self):
+        app = self.server.app
+        url = urllib.parse.urlsplit(self.path)
+        if url.path.startswith("/events/"):
+            return self._stream(url)
+        if url.path == "/health":
+            return self._reply(200, b"ok\n", "text/plain")
+        if url.path == "/demo/settings":
+            return self._reply(200, dict(app.settings, users=DEMO_USERS))
+        if url.path == "/demo/token":
+            return self._reply(405, {"error": "method_not_allowed", "message": "POST {\"user\": \"alice\"}"},
+                               extra=[("allow", "POST")])
+        rel = "index.html" if url.path in ("", "/") else urllib.parse.unquote(url.path.lstrip("/"))
+        full = (app.static_dir / rel).resolve()
+        if full.is_file() and app.static_dir in full.parents:
+            ctype = mimetypes.guess_type(str(full))[0] or "application/octet-stream"
+            if ctype.startswith("text/") or ctype.endswith("javascript"):
+                ctype += "; charset=utf-8"
+            return self._reply(200, full.read_bytes(), ctype)
+        return self._reply(404, b"not found\n", "text/plain")
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        if urllib.parse.urlsplit(self.path).path != "/demo/token":
+            return self._reply(404, b"not found\n", "text/plain")
+        try:
+            req = json.loads(body or b"{}")
+            user = req.get("user")
+        except (ValueError, AttributeError):
+            user = None
+        if not isinstance(user, str) or user not in DEMO_USERS:
+            return self._reply(400, {"error": "unknown_user", "message": f"user must be one of {sorted(DEMO_USERS)}"})
+        ttl = self.server.app.settings["token_ttl_sec"]
+        token = jwtutil.make_jwt(sub=user, secret=self.server.app.secret, ttl=ttl,
+                                 extra={"jti": secrets.token_hex(8)})
+        exp = jwtutil.decode_unverified(token)["exp"]
+        self._reply(200, {"token": token, "user": user, "expires_at": exp, "ttl_sec": ttl})
+
+    def _stream(self, url):
+        """The demo topic stream: an event every `every` seconds (query, default from settings)."""
+        app = self.server.app
+        topic = urllib.parse.unquote(url.path[len("/events/"):].split("/", 1)[0])
+        try:
+            every = float(urllib.parse.parse_qs(url.query).get("every", [app.settings["event_interval_sec"]])[0])
+        except ValueError:
+            every = app.settings["event_interval_sec"]
+        every = min(max(every, 0.2), 60.0)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        if self.command == "HEAD":
+            self.close_connection = True
+            return
+        user = self.headers.get("x-revenprox-user") or ""
+        seq = 0
+        try:
+            while True:
+                data = {"topic": topic, "seq": seq, "user": user, "time": time.strftime("%H:%M:%S")}
+                chunk = f"id: {seq}\nevent: message\ndata: {json.dumps(data)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+                seq += 1
+                if self._client_gone(every):
+                    break
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+class _AppServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 256
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class DemoApp:
+    def __init__(self, host, port, secret, static_dir=STATIC_DIR, settings=None):
+        self.secret = secret
+        self.static_dir = Path(static_dir).resolve()
+        self.settings = settings or demo_settings()
+        self.httpd = _AppServer((host, port), _AppHandler)
+        self.httpd.app = self
+
+    @property
+    def port(self):
+        return self.httpd.server_address[1]
+
+
+def serve_app(host, port):
+    """`run.py --serve-app`: run the demo app alone (make demo and docker compose start it)."""
+    secret = os.environ.get("REVENPROX_DEMO_SECRET")
+    if not secret:
+        raise SystemExit("demo app: REVENPROX_DEMO_SECRET is not set")
+    app = DemoApp(host, port, secret)
+    print(f"demo app listening on http://{host}:{app.port}/ (topics, page, POST /demo/token) "
+          f"settings={json.dumps(app.settings)}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=app.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    while not stop.wait(0.5):
+        pass
+    app.httpd.shutdown()
+    app.httpd.server_close()
+    return 0
+
+
 class Demo:
     def __init__(self):
-        self.port = env_int("REVENPROX_DEMO_PORT", 8080)
-        self.admin_port = env_int("REVENPROX_DEMO_ADMIN_PORT", 9901)
-        self.webhook_port = env_int("REVENPROX_DEMO_WEBHOOK_PORT", 9001)
-        self.upstream_port = env_int("REVENPROX_DEMO_UPSTREAM_PORT", 9002)
+        self.port = env_int("REVENPROX_DEMO_PORT", DEFAULT_PORTS["PORT"])
+        self.admin_port = env_int("REVENPROX_DEMO_ADMIN_PORT", DEFAULT_PORTS["ADMIN_PORT"])
+        self.webhook_port = env_int("REVENPROX_DEMO_WEBHOOK_PORT", DEFAULT_PORTS["WEBHOOK_PORT"])
+        self.upstream_port = env_int("REVENPROX_DEMO_UPSTREAM_PORT", DEFAULT_PORTS["UPSTREAM_PORT"])
         self.secret = os.environ.get("REVENPROX_DEMO_SECRET") or secrets.token_urlsafe(32)
         self.wasm = Path(os.environ.get("REVENPROX_WASM", REPO / "target/wasm32-wasip1/release/revenprox.wasm"))
         self.envoy = Path(os.environ.get("REVENPROX_ENVOY", REPO / ".venv/bin/envoy"))
@@ -128,11 +325,7 @@ class Demo:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def render(self):
-        cfg = {
-            "jwt_verifier": {"webhook_url": "http://auth.demo/verify", "webhook_cluster": "auth_webhook",
-                             "timeout_ms": 2000, "retry_attempts": 1},
-            "sse": {"heartbeat_interval_sec": 15},
-        }
+        cfg = plugin_config()
         text = string.Template(TEMPLATE.read_text()).substitute(
             LISTEN_PORT=self.port, ADMIN_PORT=self.admin_port, UPSTREAM_PORT=self.upstream_port,
             WEBHOOK_PORT=self.webhook_port, WASM_PATH=str(self.wasm),
@@ -148,8 +341,8 @@ class Demo:
         servers = REPO / "e2e" / "servers"
         self.spawn("webhook", [py, str(servers / "webhook.py"), "--demo", "--port", str(self.webhook_port)],
                    {"REVENPROX_DEMO_SECRET": self.secret})
-        self.spawn("sse_upstream", [py, str(servers / "sse_upstream.py"), "--demo", "--port", str(self.upstream_port),
-                                    "--static-dir", str(REPO / "demo" / "static")])
+        self.spawn("sse_upstream", [py, str(Path(__file__).resolve()), "--serve-app", "--port", str(self.upstream_port)],
+                   {"REVENPROX_DEMO_SECRET": self.secret})
         self.wait_port(self.webhook_port)
         self.wait_port(self.upstream_port)
         yaml_path = self.render()
@@ -204,13 +397,35 @@ def run_check(demo):
     print(f"check: GET / -> {out}")
     if out.strip() != "200":
         failures.append(f"demo page: expected 200, got {out!r}")
+    # 5. the page's token endpoint (through Envoy, filter disabled on that route): bob gets a
+    #    token that opens news
+    rc, out, err = curl(["--max-time", "5", "-X", "POST", "-H", "content-type: application/json",
+                         "--data", '{"user":"bob"}', f"{url}/demo/token"], 5)
+    try:
+        page_token = json.loads(out)["token"]
+    except (ValueError, KeyError, TypeError):
+        page_token = None
+        failures.append(f"POST /demo/token: expected a token, got rc={rc} {out[:300]!r} {err[:300]!r}")
+    if page_token:
+        rc, out, err = curl(["-N", "--max-time", "1.5", "-H", f"Authorization: Bearer {page_token}",
+                             "-w", "\n__status=%{http_code}\n", f"{url}/events/news"], 1.5)
+        print(f"check: page token for bob /events/news -> {'200' if '__status=200' in out else out[-40:]!r}")
+        if "__status=200" not in out or '"user": "bob"' not in out:
+            failures.append(f"page token: expected bob's events, got rc={rc} {out[:300]!r}")
     return failures
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="start, verify events flow and a bad token gets 401, stop")
+    ap.add_argument("--serve-app", action="store_true",
+                    help="run only the demo app (SSE upstream + page + POST /demo/token); needs REVENPROX_DEMO_SECRET")
+    ap.add_argument("--host", default="127.0.0.1", help="--serve-app: address to listen on")
+    ap.add_argument("--port", type=int, default=None, help="--serve-app: port (default REVENPROX_DEMO_UPSTREAM_PORT or 9002)")
     args = ap.parse_args()
+    if args.serve_app:
+        return serve_app(args.host, args.port if args.port is not None
+                         else env_int("REVENPROX_DEMO_UPSTREAM_PORT", DEFAULT_PORTS["UPSTREAM_PORT"]))
 
     demo = Demo()
     stopping = {"flag": False}
@@ -236,7 +451,7 @@ RevenProx demo is running (logs and rendered config in {demo.dir})
   Envoy      {url}            admin http://127.0.0.1:{demo.admin_port}/stats/prometheus
   webhook    http://127.0.0.1:{demo.webhook_port}/verify   (HS256; alice -> news, sports; bob -> news)
   topics     http://127.0.0.1:{demo.upstream_port}/events/<topic>   (one event per second)
-  web page   {url}/
+  web page   {url}/   (browser demo: log in as alice or bob, three ways to stream, challenges)
 
 Stream as alice (token valid 1 h):
   curl -N -H {shlex.quote('Authorization: Bearer ' + good)} {url}/events/news
