@@ -38,6 +38,11 @@ extern "C" {
         grpc_status: i32,
     ) -> Status;
     fn proxy_close_stream(stream_type: StreamType) -> Status;
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> Status;
     fn proxy_set_buffer_bytes(
         buffer_type: BufferType,
         start: usize,
@@ -84,6 +89,54 @@ pub fn header(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
         Status::NotFound => Ok(None),
         other => Err(other),
     }
+}
+
+/// Every header of a map in one host call (each data-returning call costs a VM round trip for
+/// the allocation, so one call for all headers is much cheaper than one per header). Names are
+/// lowercase ASCII from Envoy's codecs; values stay bytes.
+pub fn headers(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes an allocated buffer to data/size on Ok.
+    match unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) } {
+        Status::Ok => Ok(parse_header_map(&unsafe { owned(data, size) })),
+        Status::NotFound => Ok(Vec::new()),
+        other => Err(other),
+    }
+}
+
+/// The proxy-wasm header-map wire format (see `serialize_headers`); malformed input gives what
+/// could be read, never a panic.
+fn parse_header_map(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let word = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    };
+    let mut out = Vec::new();
+    let Some(count) = word(0) else {
+        return out;
+    };
+    let mut data = 4 + count.saturating_mul(8);
+    for i in 0..count {
+        let (Some(klen), Some(vlen)) = (word(4 + i * 8), word(8 + i * 8)) else {
+            break;
+        };
+        let key = bytes.get(data..data + klen);
+        let value = bytes.get(data + klen + 1..data + klen + 1 + vlen);
+        let (Some(key), Some(value)) = (key, value) else {
+            break;
+        };
+        if let Ok(key) = std::str::from_utf8(key) {
+            out.push((key.to_string(), value.to_vec()));
+        }
+        data += klen + vlen + 2;
+    }
+    out
+}
+
+/// The first value of `name` among `headers`.
+pub fn find<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
 }
 
 pub fn set_header(map: MapType, name: &str, value: &[u8]) -> Result<(), Status> {

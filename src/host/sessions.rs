@@ -75,7 +75,7 @@ impl Sessions {
     }
 }
 
-fn is_event_stream(value: Option<Vec<u8>>) -> bool {
+fn is_event_stream(value: Option<&[u8]>) -> bool {
     value.is_some_and(|v| {
         let v = v.trim_ascii_start();
         v.len() >= 17 && v.get(..17).is_some_and(|p| p.eq_ignore_ascii_case(b"text/event-stream"))
@@ -100,23 +100,23 @@ fn reauth_window_start_ms(cfg: &Config, live: &Live) -> Option<u64> {
 /// Response headers: start a session when the upstream answers with an event stream.
 pub fn open(w: &WorkerRef, ctx: u32, now_ms: u64) {
     let identity = w.borrow_mut().sessions.identities.remove(&ctx);
-    let status = abi::header(MapType::HttpResponseHeaders, ":status").ok().flatten();
-    if status.as_deref() != Some(b"200")
-        || !is_event_stream(abi::header(MapType::HttpResponseHeaders, "content-type").ok().flatten())
+    let headers = abi::headers(MapType::HttpResponseHeaders).unwrap_or_default();
+    if abi::find(&headers, ":status") != Some(b"200") || !is_event_stream(abi::find(&headers, "content-type"))
     {
         return;
     }
     // Injected bytes change the length: let Envoy frame the body itself.
-    let _ = abi::remove_header(MapType::HttpResponseHeaders, "content-length");
+    if abi::find(&headers, "content-length").is_some() {
+        let _ = abi::remove_header(MapType::HttpResponseHeaders, "content-length");
+    }
     let mut wb = w.borrow_mut();
     let session = Session::new(&wb.cfg.sse, now_ms, identity.as_ref().map(|i| i.expires_at));
     let identity = identity.map(|i| {
         let key = registry::key(&i.user_id, &i.topic_id);
         (i, key)
     });
-    if let Some((_, key)) = &identity {
-        shared::registry_touch(key, now_ms);
-    }
+    // The registry entry is written by the first tick (within MIN_TICK_MS), not here: a stream
+    // that ends before then (a short response) never costs shared-data work.
     let live = Live {
         session,
         framing: Framing::new(),
@@ -125,9 +125,9 @@ pub fn open(w: &WorkerRef, ctx: u32, now_ms: u64) {
         pending_since_ms: 0,
         held: false,
         close_at_ms: None,
-        presence_ms: now_ms,
+        presence_ms: 0,
     };
-    let deadline = live.session.next_deadline_ms();
+    let deadline = if live.identity.is_some() { Some(now_ms) } else { live.session.next_deadline_ms() };
     wb.sessions.live.insert(ctx, live);
     wb.sessions.want(deadline);
     Metrics::inc_by(wb.metrics.open_streams, 1);
@@ -299,6 +299,11 @@ pub fn extend_local(w: &WorkerRef, key: &registry::Key, expires_at: u64) {
         }
     }
     wb.sessions.next_ms = Some(0);
+}
+
+/// Whether this worker has an open stream with registry key `key`.
+pub fn has_local(w: &WorkerRef, key: &registry::Key) -> bool {
+    w.borrow().sessions.live.values().any(|l| l.identity.as_ref().is_some_and(|(_, k)| k == key))
 }
 
 /// The stream ended.

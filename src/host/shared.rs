@@ -57,10 +57,19 @@ fn cache_candidates(key: &Key, slots: u32) -> ([u32; 2], [Option<Entry>; 2]) {
     ([a, b], [get(a), if a == b { None } else { get(b) }])
 }
 
-/// The live cached verdict for `key`, if any.
+/// The live cached verdict for `key`, if any. The second candidate slot is read only when the
+/// first does not hold the entry (each shared-data read is a VM round trip).
 pub fn cache_get(key: &Key, slots: u32, now_ms: u64) -> Option<Entry> {
-    let (_, candidates) = cache_candidates(key, slots);
-    cache::find(key, now_ms, &candidates).cloned()
+    let [a, b] = cache::slots(key, slots);
+    let get = |n: u32| read(&cache::slot_name(n)).0.and_then(|v| Entry::decode(&v));
+    let first = [get(a), None];
+    if let Some(hit) = cache::find(key, now_ms, &first) {
+        return Some(hit.clone());
+    }
+    if a == b {
+        return None;
+    }
+    cache::find(key, now_ms, &[get(b), None]).cloned()
 }
 
 /// Stores `entry` in one of its two slots (last writer wins: a cache, not a ledger).

@@ -21,10 +21,6 @@ impl Stream {
     pub fn new(id: u32, worker: Option<WorkerRef>) -> Stream {
         Stream { id, worker }
     }
-
-    fn request_header(name: &str) -> Option<Vec<u8>> {
-        abi::header(MapType::HttpRequestHeaders, name).ok().flatten()
-    }
 }
 
 impl Context for Stream {
@@ -73,14 +69,18 @@ impl HttpContext for Stream {
             (Rc::clone(&wb.cfg), wb.metrics.clone())
         };
         Metrics::inc(metrics.requests);
-        // Never trust a client-supplied identity: the header is ours alone.
-        if abi::remove_header(MapType::HttpRequestHeaders, &cfg.user_header).is_err() {
+        // One host call for all request headers; then the client's identity header goes: it is
+        // ours alone.
+        let headers = abi::headers(MapType::HttpRequestHeaders).unwrap_or_default();
+        if abi::find(&headers, &cfg.user_header).is_some()
+            && abi::remove_header(MapType::HttpRequestHeaders, &cfg.user_header).is_err()
+        {
             worker::reply(&metrics, &Reply::new(Code::AuthUnavailable, "the request could not be processed"));
             return Action::Pause;
         }
-        let path = Self::request_header(":path").and_then(|p| String::from_utf8(p).ok()).unwrap_or_default();
+        let path = abi::find(&headers, ":path").and_then(|p| std::str::from_utf8(p).ok()).unwrap_or_default();
         // Tokens leave the URL before anything else: the upstream and Envoy's access log never see them.
-        if let Some(stripped) = gate::stripped_path(&cfg, &path) {
+        if let Some(stripped) = gate::stripped_path(&cfg, path) {
             if abi::set_header(MapType::HttpRequestHeaders, ":path", stripped.as_bytes()).is_err() {
                 worker::reply(
                     &metrics,
@@ -89,17 +89,17 @@ impl HttpContext for Stream {
                 return Action::Pause;
             }
         }
-        let authorization = Self::request_header("authorization");
-        let cookie = Self::request_header("cookie");
+        // Several Cookie headers (HTTP/1.1 clients may send them) are one cookie list.
+        let cookies: Vec<&[u8]> =
+            headers.iter().filter(|(k, _)| k == "cookie").map(|(_, v)| v.as_slice()).collect();
+        let cookie = if cookies.len() > 1 { Some(cookies.join(&b"; "[..])) } else { None };
         let now = now_ms();
-        let method = Self::request_header(":method").unwrap_or_default();
-        let content_type = Self::request_header("content-type");
         let request = gate::Request {
-            method: &method,
-            path: &path,
-            content_type: content_type.as_deref(),
-            authorization: authorization.as_deref(),
-            cookie: cookie.as_deref(),
+            method: abi::find(&headers, ":method").unwrap_or_default(),
+            path,
+            content_type: abi::find(&headers, "content-type"),
+            authorization: abi::find(&headers, "authorization"),
+            cookie: cookie.as_deref().or_else(|| cookies.first().copied()),
         };
         match gate::admit(&cfg, &request, now / 1000) {
             Step::Reply(reply) => {

@@ -370,7 +370,13 @@ fn allow(
         return ok;
     }
     let key = registry::key(user_id, topic_id);
-    if shared::registry_reauthorize(&key, expires_at, now_ms) {
+    // A stream on this worker opened so recently that no tick has registered it yet counts too.
+    let present = shared::registry_reauthorize(&key, expires_at, now_ms)
+        || (sessions::has_local(w, &key) && {
+            shared::registry_touch(&key, now_ms);
+            shared::registry_reauthorize(&key, expires_at, now_ms)
+        });
+    if present {
         sessions::extend_local(w, &key, expires_at);
         reschedule(w, now_ms);
         Metrics::inc(metrics.reauthorizations);
