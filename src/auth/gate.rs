@@ -36,13 +36,19 @@ pub enum Step {
 pub struct Verification {
     pub credential: Credential,
     pub topic_id: String,
-    /// SHA-256 over the credential and the topic id: the cache key and the single-flight key.
-    pub key: cache::Key,
     /// The verdict may come from, and go to, the cache (JWTs while caching is on; never tickets).
     pub cacheable: bool,
     /// A challenge response: on success the filter answers 204 itself and the user's open
     /// streams on the topic take the new expiry; the request is never forwarded.
     pub reauth: bool,
+}
+
+impl Verification {
+    /// SHA-256 over the credential and the topic id: the cache key and the single-flight key.
+    /// Computed on demand: a hit in a worker's local cache never needs it.
+    pub fn key(&self) -> cache::Key {
+        cache::key(&self.credential.value, &self.topic_id)
+    }
 }
 
 /// The content type of a challenge response (Zilla's SSE JWT guard wire format).
@@ -122,7 +128,6 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
             }
         }
     }
-    let key = cache::key(&credential.value, &topic_id);
     let cacheable = credential.kind == Kind::Jwt && cfg.verifier.cache_enabled();
     if cfg.development_mode() {
         // Nothing to verify a refresh against: streams in development mode never expire by token.
@@ -131,7 +136,7 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
             "development mode: there is no session to re-authorize",
         ));
     }
-    Step::Verify(Verification { credential, topic_id, key, cacheable, reauth })
+    Step::Verify(Verification { credential, topic_id, cacheable, reauth })
 }
 
 #[cfg(test)]
@@ -207,7 +212,7 @@ mod tests {
         let t = jwt(2000);
         let Step::Verify(v) = run(&cfg(""), "/events/news", Some(&format!("Bearer {t}"))) else { panic!() };
         assert_eq!(v.topic_id, topic::id("news").unwrap());
-        assert_eq!((v.key, v.cacheable), (cache::key(&t, &v.topic_id), true));
+        assert_eq!((v.key(), v.cacheable), (cache::key(&t, &v.topic_id), true));
     }
 
     #[test]

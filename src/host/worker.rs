@@ -19,10 +19,12 @@ use crate::config::Config;
 use crate::resilience::breaker::{self, Admit};
 use crate::resilience::flight::{FlightKey, Flights, Waiter};
 use crate::sse::registry;
+use lru::LruCache;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -37,13 +39,41 @@ pub struct Worker {
     tick_ms: u64,
     breaker_seen: Option<breaker::State>,
     pub sessions: Sessions,
+    /// Recent verdicts of this worker, in front of the shared cache: a hit costs no SHA-256 and
+    /// no shared-data read. Entries live no longer than their shared-cache twins.
+    local: Option<LruCache<String, Local>>,
+}
+
+/// A verdict in the worker's local cache.
+#[derive(Debug, Clone)]
+struct Local {
+    until_ms: u64,
+    expires_at: u64,
+    user_id: String,
+}
+
+/// At most this many verdicts per worker in the local cache (never more than `cache_max_size`).
+const LOCAL_CACHE_MAX: u32 = 1024;
+
+fn local_key(v: &Verification) -> String {
+    let mut k = String::with_capacity(v.credential.value.len() + v.topic_id.len() + 1);
+    k.push_str(&v.topic_id);
+    k.push('\n');
+    k.push_str(&v.credential.value);
+    k
 }
 
 pub type WorkerRef = Rc<RefCell<Worker>>;
 
 impl Worker {
     pub fn new(cfg: Rc<Config>, metrics: Metrics, root_id: u32) -> Worker {
+        let capacity = cfg.verifier.cache_max_size.min(LOCAL_CACHE_MAX);
+        let local = (cfg.verifier.cache_enabled())
+            .then(|| NonZeroUsize::new(usize::try_from(capacity).unwrap_or(1)))
+            .flatten()
+            .map(LruCache::new);
         Worker {
+            local,
             cfg,
             metrics,
             flights: Flights::default(),
@@ -52,6 +82,24 @@ impl Worker {
             tick_ms: 0,
             breaker_seen: None,
             sessions: Sessions::default(),
+        }
+    }
+
+    fn local_get(&mut self, key: &str, now_ms: u64) -> Option<Local> {
+        let cache = self.local.as_mut()?;
+        match cache.get(key) {
+            Some(hit) if hit.until_ms > now_ms => Some(hit.clone()),
+            Some(_) => {
+                cache.pop(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn local_put(&mut self, key: String, until_ms: u64, expires_at: u64, user_id: &str) {
+        if let Some(cache) = self.local.as_mut() {
+            cache.put(key, Local { until_ms, expires_at, user_id: user_id.to_string() });
         }
     }
 
@@ -115,23 +163,34 @@ pub fn begin(w: &WorkerRef, ctx: u32, v: Verification, now_ms: u64) -> Begun {
         let wb = w.borrow();
         (Rc::clone(&wb.cfg), wb.metrics.clone())
     };
+    let waiter = Waiter { context_id: ctx, reauth: v.reauth };
+    let allowed_from_cache = |user_id: &str, expires_at: u64| {
+        Metrics::inc(metrics.cache_hits);
+        if allow(w, &waiter, user_id, expires_at, &v.topic_id, now_ms) && !v.reauth {
+            Begun::Allowed
+        } else {
+            Begun::Paused
+        }
+    };
+    // SHA-256 of the token, computed at most once and only past the local cache.
+    let sha = std::cell::OnceCell::new();
+    let key_of = || *sha.get_or_init(|| v.key());
     if v.cacheable {
-        if let Some(hit) = shared::cache_get(&v.key, cfg.verifier.cache_max_size, now_ms) {
-            Metrics::inc(metrics.cache_hits);
-            let waiter = Waiter { context_id: ctx, reauth: v.reauth };
-            return if allow(w, &waiter, &hit.user_id, hit.expires_at, &v.topic_id, now_ms) && !v.reauth {
-                Begun::Allowed
-            } else {
-                Begun::Paused
-            };
+        let lk = local_key(&v);
+        let local = w.borrow_mut().local_get(&lk, now_ms);
+        if let Some(hit) = local {
+            return allowed_from_cache(&hit.user_id, hit.expires_at);
+        }
+        if let Some(hit) = shared::cache_get(&key_of(), cfg.verifier.cache_max_size, now_ms) {
+            w.borrow_mut().local_put(lk, hit.until_ms, hit.expires_at, &hit.user_id);
+            return allowed_from_cache(&hit.user_id, hit.expires_at);
         }
         Metrics::inc(metrics.cache_misses);
     }
     let key = match v.credential.kind {
-        Kind::Jwt => FlightKey::Shared(v.key),
+        Kind::Jwt => FlightKey::Shared(key_of()),
         Kind::Ticket => FlightKey::Solo(ctx),
     };
-    let waiter = Waiter { context_id: ctx, reauth: v.reauth };
     if w.borrow_mut().flights.join(key, waiter) {
         Metrics::inc(metrics.singleflight_joins);
         return Begun::Paused;
@@ -314,13 +373,15 @@ fn finish(w: &WorkerRef, key: FlightKey, verdict: Verdict, now_ms: u64) {
     if let Verdict::Allow { user_id, expires_at } = &verdict {
         if flight.verification.cacheable {
             if let Some(until_ms) = cache::cache_until_ms(now_ms, cfg.verifier.cache_ttl_sec, *expires_at) {
+                let v = &flight.verification;
                 let entry = cache::Entry {
-                    key: flight.verification.key,
+                    key: v.key(),
                     until_ms,
                     expires_at: *expires_at,
                     user_id: user_id.clone(),
                 };
                 shared::cache_put(&entry, cfg.verifier.cache_max_size, now_ms);
+                w.borrow_mut().local_put(local_key(v), until_ms, *expires_at, user_id);
             }
         }
     }
