@@ -769,3 +769,17 @@ def test_zz_tokens_never_logged(envoys, env):
                             f"(envoy.log / access.log), e.g.:\n" + "\n".join(where))
         checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("path", ["/events/news/../secret", "/events/news/%2e%2e/secret", "/events/news/..%2fsecret"])
+def test_dot_segments_are_not_authorized_as_the_first_topic(env, webhook, upstream, path):
+    # An upstream that normalizes the path would serve /events/secret, not the topic `news`
+    # the token may be allowed on: such a path names no topic and is never forwarded.
+    tok = new_token("dots")
+    m = marker()
+    r = env.get(f"{path}?{m}", bearer(tok))
+    assert r.status in (400, 404), r
+    if r.status == 404:
+        assert_error(r, 404, "no_topic")
+    assert webhook.calls_for(tok) == []
+    assert_not_forwarded(upstream, m)

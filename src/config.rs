@@ -144,7 +144,9 @@ impl<'a> Section<'a> {
     fn reject_unknown(&self, allowed: &[&str]) -> Result<(), ConfigError> {
         if let Some(map) = self.map {
             if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-                return err(&self.key(unknown), format_args!("unknown key (known: {})", allowed.join(", ")));
+                // Escaped: a key is any JSON string, and the error must stay one log line.
+                let unknown = unknown.escape_debug().to_string();
+                return err(&self.key(&unknown), format_args!("unknown key (known: {})", allowed.join(", ")));
             }
         }
         Ok(())
@@ -544,6 +546,20 @@ mod tests {
             let e = error_of(input);
             assert!(e.starts_with(&format!("{key}: ")), "{input} -> {e}");
         }
+    }
+
+    #[test]
+    fn unknown_keys_are_escaped_to_keep_one_log_line() {
+        // Found by fuzz/fuzz_targets/config.rs: a key with a newline split the log line.
+        let e = error_of(
+            r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a"},"sse":{";\n":1}}"#,
+        );
+        assert!(e.starts_with(r"sse.;\n: unknown key"), "{e}");
+        let e = error_of(r#"{"bad\r\nkey\u0000":1}"#);
+        assert!(e.starts_with(r"bad\r\nkey\0: unknown key"), "{e}");
+        assert!(!e.contains(['\n', '\r', '\0']));
+        // Ordinary names are unchanged.
+        assert!(error_of(r#"{"jwt_verifier":{"bogus":1}}"#).starts_with("jwt_verifier.bogus: unknown key"));
     }
 
     #[test]

@@ -92,8 +92,10 @@ fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a str> {
     let text = std::str::from_utf8(header).ok()?;
     text.split(';')
         .filter_map(|c| c.trim().split_once('='))
+        // Quotes off before the emptiness check: `name=""` carries no token.
+        .map(|(k, v)| (k, v.trim_matches('"')))
         .find(|(k, v)| *k == name && !v.is_empty())
-        .map(|(_, v)| v.trim_matches('"'))
+        .map(|(_, v)| v)
 }
 
 /// Finds the request's credential, in the contract's order.
@@ -212,6 +214,16 @@ mod tests {
         assert_eq!(get(None, Some("token=a%0d%0ab"), None), Err(TokenError::Unusable));
         let long = format!("token={}", "a".repeat(MAX_TOKEN_LEN + 1));
         assert_eq!(get(None, Some(&long), None), Err(TokenError::Unusable));
+    }
+
+    #[test]
+    fn empty_quoted_cookie_is_no_token() {
+        // Found by fuzz/fuzz_targets/token.rs: `revenprox_token=""` gave an empty credential.
+        for cookie in [r#"revenprox_token="""#, r#"revenprox_token=""#, r#"a=1; revenprox_token="""""#] {
+            assert_eq!(get(None, None, Some(cookie)), Err(TokenError::Missing), "{cookie}");
+        }
+        let c = get(None, None, Some(r#"revenprox_token=""; revenprox_token="t""#)).unwrap();
+        assert_eq!((c.value.as_str(), c.channel), ("t", Channel::Cookie));
     }
 
     #[test]

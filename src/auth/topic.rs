@@ -11,9 +11,48 @@ use sha2::{Digest, Sha256};
 /// Longest topic segment accepted (bytes, before decoding).
 pub const MAX_SEGMENT_LEN: usize = 1024;
 
-/// The raw topic segment of `path` (query already removed), or `None` when the path names none.
+/// True when `rest` holds a `.` or `..` segment, literally or once percent-decoded, behind an
+/// encoded slash or a backslash, or with `;` parameters (`..;x`): an upstream that normalizes the
+/// path would then serve another resource than the topic this path seems to name, e.g.
+/// `/events/news/../secret` authorized as `news` but served as `/events/secret`.
+fn has_dot_segment(rest: &str) -> bool {
+    rest.split('/').any(|raw| {
+        decode_leniently(raw).split(|b| *b == b'/' || *b == b'\\').any(|piece| {
+            let name = piece.split(|b| *b == b';').next().unwrap_or_default();
+            name == b"." || name == b".."
+        })
+    })
+}
+
+/// Decodes every valid `%XX` escape and keeps everything else as it is, as the most lenient
+/// upstream would: an invalid escape elsewhere in a segment must not hide an encoded `..`.
+fn decode_leniently(raw: &str) -> Vec<u8> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let escape = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        match escape.and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(v) if b == b'%' => {
+                out.push(v);
+                i += 3;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The raw topic segment of `path` (query already removed), or `None` when the path names none,
+/// including when any segment after the prefix is a dot segment (see `has_dot_segment`).
 pub fn segment<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = path.strip_prefix(prefix)?;
+    if has_dot_segment(rest) {
+        return None;
+    }
     let seg = rest.split('/').next().unwrap_or_default();
     (!seg.is_empty() && seg.len() <= MAX_SEGMENT_LEN).then_some(seg)
 }
@@ -44,6 +83,37 @@ mod tests {
         assert_eq!(segment("/a/b/c", "/a/b/"), Some("c"));
         let long = format!("/events/{}", "a".repeat(MAX_SEGMENT_LEN + 1));
         assert_eq!(segment(&long, "/events/"), None);
+    }
+
+    #[test]
+    fn dot_segments_name_no_topic() {
+        // Found by fuzz/fuzz_targets/topic.rs: `/events/news/../secret` was authorized as topic
+        // `news`, while an upstream that normalizes the path serves `/events/secret`.
+        for path in [
+            "/events/news/../secret",
+            "/events/news/..",
+            "/events/..",
+            "/events/.",
+            "/events/./secret",
+            "/events/news/%2e%2E/secret",
+            "/events/news/..%2fsecret",
+            "/events/news%2F..%2F..%2Fadmin",
+            "/events/news/..\\secret",
+            "/events/news/..;x/secret",
+            "/events/news/sub/./x",
+            // Found by fuzz/fuzz_targets/gate.rs: an invalid escape in the same segment hid the
+            // encoded dots from a strict decoder.
+            "/events/news/%zz\\%2e%2e\\secret",
+            "/events/news/%2e%2e%2f%zz",
+        ] {
+            assert_eq!(segment(path, "/events/"), None, "{path}");
+        }
+        assert_eq!(segment("/.", "/"), None);
+        // Dots inside names are fine.
+        assert_eq!(segment("/events/a..b/x.y/...", "/events/"), Some("a..b"));
+        assert_eq!(segment("/events/.hidden", "/events/"), Some(".hidden"));
+        assert_eq!(segment("/events/news/%zz", "/events/"), Some("news"));
+        assert_eq!(segment("/events/news/%2e%2e%zz", "/events/"), Some("news"));
     }
 
     #[test]
