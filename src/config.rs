@@ -157,7 +157,10 @@ impl<'a> Section<'a> {
             return Ok(default);
         };
         let key = self.key(name);
-        let Some(n) = v.as_u64() else {
+        // Whole numbers written as floats (`5000.0`, `1e4`, as some control planes emit) count.
+        let whole =
+            |f: f64| (f.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&f)).then_some(f as u64);
+        let Some(n) = v.as_u64().or_else(|| v.as_f64().and_then(whole)) else {
             return err(&key, format_args!("expected a whole number, got {}", kind(v)));
         };
         if n < min || n > max {
@@ -560,6 +563,16 @@ mod tests {
         assert!(!e.contains(['\n', '\r', '\0']));
         // Ordinary names are unchanged.
         assert!(error_of(r#"{"jwt_verifier":{"bogus":1}}"#).starts_with("jwt_verifier.bogus: unknown key"));
+    }
+
+    #[test]
+    fn whole_numbers_written_as_floats_count() {
+        let c = parse_str(r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a","timeout_ms":5000.0,"cache_ttl_sec":6e1}}"#).unwrap();
+        assert_eq!((c.verifier.timeout_ms, c.verifier.cache_ttl_sec), (5000, 60));
+        assert!(error_of(
+            r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a","timeout_ms":-5.0}}"#
+        )
+        .starts_with("jwt_verifier.timeout_ms"));
     }
 
     #[test]
