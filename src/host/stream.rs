@@ -78,7 +78,10 @@ impl HttpContext for Stream {
             worker::reply(&metrics, &Reply::new(Code::AuthUnavailable, "the request could not be processed"));
             return Action::Pause;
         }
-        let path = abi::find(&headers, ":path").and_then(|p| std::str::from_utf8(p).ok()).unwrap_or_default();
+        let raw_path = abi::find(&headers, ":path").unwrap_or_default();
+        // Read leniently so that a path with bytes that are not UTF-8 still loses its token below.
+        let lossy = String::from_utf8_lossy(raw_path);
+        let path: &str = &lossy;
         // Tokens leave the URL before anything else: the upstream and Envoy's access log never see them.
         if let Some(stripped) = gate::stripped_path(&cfg, path) {
             if abi::set_header(MapType::HttpRequestHeaders, ":path", stripped.as_bytes()).is_err() {
@@ -88,6 +91,10 @@ impl HttpContext for Stream {
                 );
                 return Action::Pause;
             }
+        }
+        if std::str::from_utf8(raw_path).is_err() {
+            worker::reply(&metrics, &Reply::new(Code::NoTopic, "the path names no topic"));
+            return Action::Pause;
         }
         // Several Cookie headers (HTTP/1.1 clients may send them) are one cookie list.
         let cookies: Vec<&[u8]> =
