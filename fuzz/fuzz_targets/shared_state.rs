@@ -1,0 +1,128 @@
+//! The shared-data decoders — `auth::cache::Entry::decode`, `resilience::breaker::State::decode`,
+//! `resilience::limiter::Bucket::decode`, `sse::registry::Entry::decode` — on arbitrary bytes, and
+//! the state machines that consume what they decode (breaker admit/record, bucket take, cache and
+//! registry slot choice) at arbitrary times and settings.
+//!
+//! Shared data is written only by this filter, but a VM of an older build, a torn value or a bug
+//! must never panic a worker: every decoder is total, and what it decodes round-trips.
+//! Properties: no panic (overflow checks on); `decode(encode(x)) == x`; a decoded cache entry and
+//! registry entry re-encode to the bytes they came from; slots are in range; a bucket never allows
+//! more than its capacity and its write never exceeds capacity; the breaker never rejects with a
+//! zero wait and only a probe closes it from half-open.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use revenprox::auth::cache;
+use revenprox::resilience::breaker::{self, Admit, Settings};
+use revenprox::resilience::limiter::Bucket;
+use revenprox::sse::registry;
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    a: Vec<u8>,
+    b: Vec<u8>,
+    now_ms: u64,
+    rate: u32,
+    threshold: u32,
+    open_ms: u64,
+    probe_timeout_ms: u64,
+    ok: bool,
+    probe: bool,
+    slots: u32,
+    ttl: u64,
+    expires_at: u64,
+    takes: u8,
+}
+
+fuzz_target!(|x: Input| {
+    let now = x.now_ms;
+
+    // Verdict cache slots.
+    let ea = cache::Entry::decode(&x.a);
+    let eb = cache::Entry::decode(&x.b);
+    if let Some(e) = &ea {
+        assert_eq!(e.encode(), x.a, "a cache entry re-encodes to its bytes");
+        assert_eq!(cache::Entry::decode(&e.encode()).as_ref(), Some(e));
+    }
+    let key = cache::key(&String::from_utf8_lossy(&x.a), &String::from_utf8_lossy(&x.b));
+    let [s0, s1] = cache::slots(&key, x.slots);
+    assert!(s0 < x.slots.max(1) && s1 < x.slots.max(1));
+    let pair = [ea.clone(), eb.clone()];
+    let victim = cache::victim(&key, now, &pair);
+    assert!(victim < 2);
+    if let Some(found) = cache::find(&key, now, &pair) {
+        assert!(found.key == key && found.live(now));
+    }
+    if let Some(until) = cache::cache_until_ms(now, x.ttl, x.expires_at) {
+        assert!(until > now && until <= x.expires_at.saturating_mul(1000));
+    }
+
+    // Stream registry slots.
+    let ra = registry::Entry::decode(&x.a);
+    let rb = registry::Entry::decode(&x.b);
+    if let Some(e) = ra {
+        assert_eq!(e.encode(), x.a[..48].to_vec());
+        assert_eq!(registry::Entry::decode(&e.encode()), Some(e));
+    }
+    let rkey = registry::key(&String::from_utf8_lossy(&x.b), "0123456789abcdef0123456789abcdef");
+    let [r0, r1] = registry::slots(&rkey);
+    assert!(r0 < registry::SLOTS && r1 < registry::SLOTS);
+    let rpair = [ra, rb];
+    assert!(registry::place(&rkey, now, &rpair) < 2);
+    if let Some((i, e)) = registry::find(&rkey, now, &rpair) {
+        assert!(i < 2 && e.key == rkey && e.live(now));
+    }
+    let t = registry::touched(ra, &rkey, now);
+    assert!(t.key == rkey && t.seen_ms == now);
+
+    // Circuit breaker.
+    let s = Settings { threshold: x.threshold, open_ms: x.open_ms, probe_timeout_ms: x.probe_timeout_ms };
+    if let Some(st) = breaker::State::decode(&x.a) {
+        assert_eq!(breaker::State::decode(&st.encode()), Some(st));
+        let _ = st.gauge();
+        let (admit, next) = breaker::admit(st, now, &s);
+        if let Admit::Reject { retry_after_ms } = admit {
+            assert!(retry_after_ms > 0 && next.is_none());
+        }
+        if admit == Admit::Probe {
+            assert!(matches!(next, Some(breaker::State::HalfOpen { .. })));
+        }
+        let after = next.unwrap_or(st);
+        if let Some(n) = breaker::record(after, x.ok, x.probe, now, &s) {
+            assert_eq!(breaker::State::decode(&n.encode()), Some(n));
+            if matches!(after, breaker::State::HalfOpen { .. }) {
+                assert!(x.probe, "only the probe decides a half-open breaker");
+            }
+            if matches!(after, breaker::State::Open { .. }) {
+                panic!("a result changed an open breaker");
+            }
+        }
+    }
+
+    // Rate-limit bucket.
+    if let Some(b) = Bucket::decode(&x.a) {
+        assert_eq!(Bucket::decode(&b.encode()), Some(b));
+        let rate = x.rate;
+        let capacity = u64::from(rate.max(1)) * 1000;
+        let mut bucket = b;
+        let mut allowed = 0u32;
+        for _ in 0..x.takes % 16 {
+            let t = bucket.take(rate, now);
+            if t.allowed {
+                allowed += 1;
+                assert_eq!(t.wait_ms, 0);
+            } else {
+                assert!(t.wait_ms > 0);
+            }
+            if let Some(w) = t.write {
+                assert!(!t.allowed || w.milli_tokens < capacity);
+                bucket = w;
+            }
+        }
+        assert!(
+            u64::from(allowed) <= u64::from(rate.max(1)),
+            "more than one second's capacity at one instant"
+        );
+    }
+});
