@@ -217,13 +217,18 @@ pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Resu
 
 /// Up to `max` bytes of a buffer (empty when the host has none).
 pub fn buffer(kind: BufferType, max: usize) -> Result<Vec<u8>, Status> {
+    buffer_at(kind, 0, max)
+}
+
+/// Up to `max` bytes of a buffer from offset `start`.
+pub fn buffer_at(kind: BufferType, start: usize, max: usize) -> Result<Vec<u8>, Status> {
     if max == 0 {
         return Ok(Vec::new());
     }
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes an allocated buffer to data/size on Ok.
-    match unsafe { proxy_get_buffer_bytes(kind, 0, max, &mut data, &mut size) } {
+    match unsafe { proxy_get_buffer_bytes(kind, start, max, &mut data, &mut size) } {
         Status::Ok => Ok(unsafe { owned(data, size) }),
         Status::NotFound => Ok(Vec::new()),
         other => Err(other),

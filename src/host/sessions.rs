@@ -48,6 +48,8 @@ struct Live {
 /// How long an `expired` event may wait for an upstream event to end before the stream is ended
 /// without it.
 const EXPIRED_WAIT_MS: u64 = 2_000;
+/// Bytes read from the end of a chunk when only its end state is needed.
+const TAIL_BYTES: usize = 64;
 /// Time given to an `expired` event to reach the client before the stream is reset.
 const CLOSE_DELAY_MS: u64 = 100;
 /// Streams inside this margin before their challenge look for a re-authorization every tick.
@@ -147,7 +149,16 @@ pub fn body(w: &WorkerRef, ctx: u32, size: usize, end_of_stream: bool, now_ms: u
         let _ = abi::replace_body(size, b"");
         return Action::Continue;
     }
-    if size > 0 {
+    // With nothing waiting to be injected only the chunk's end state matters: read its last bytes
+    // instead of scanning all of it (a flood delivers up to a megabyte per chunk).
+    let tail_read = size > TAIL_BYTES && live.pending.is_none() && {
+        let start = size - TAIL_BYTES;
+        let tail = abi::buffer_at(BufferType::HttpResponseBody, start, TAIL_BYTES).unwrap_or_default();
+        tail.len() == TAIL_BYTES && live.framing.advance(size, &tail)
+    };
+    if tail_read {
+        live.session.on_sent(now_ms, true);
+    } else if size > 0 {
         let chunk = abi::buffer(BufferType::HttpResponseBody, size).unwrap_or_default();
         let boundary = live.framing.feed(&chunk);
         if let (Some(injection), Some(at)) = (live.pending, boundary) {

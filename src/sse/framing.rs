@@ -94,6 +94,24 @@ impl Framing {
         last
     }
 
+    /// Observes a chunk of `chunk_len` bytes from its last bytes only (`tail`), when the caller
+    /// needs no boundary offset (nothing waits to be injected). After any byte other than CR or
+    /// LF the tracker is inside a line whatever came before, so the end state depends only on the
+    /// chunk's trailing run of CR/LF bytes. Returns `false`, observing nothing, when `tail` is all
+    /// CR/LF and shorter than the chunk: then the caller must `feed` the whole chunk.
+    pub fn advance(&mut self, chunk_len: usize, tail: &[u8]) -> bool {
+        if tail.len() >= chunk_len {
+            self.feed(tail);
+            return true;
+        }
+        let Some(last_text) = tail.iter().rposition(|b| *b != b'\r' && *b != b'\n') else {
+            return false;
+        };
+        self.state = State::InLine;
+        self.feed(tail.get(last_text + 1..).unwrap_or_default());
+        true
+    }
+
     /// The byte at offset `i` starts a line: an LF or CR here ends a blank line.
     fn line_start(byte: u8, i: usize, last: &mut Option<usize>) -> State {
         match byte {
@@ -536,5 +554,39 @@ mod tests {
             events > 5_000 && injections > 10_000 && zero_offsets > 50,
             "{events} {injections} {zero_offsets}"
         );
+    }
+
+    #[test]
+    fn advance_over_the_tail_ends_like_feed_over_the_chunk() {
+        let alphabet = [b'a', b':', b' ', b'\r', b'\n', b'd'];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut compared = 0;
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let chunk: Vec<u8> = (0..len).map(|_| alphabet[(next() % 6) as usize]).collect();
+            let tail_len = (next() % 8) as usize;
+            let tail = &chunk[chunk.len().saturating_sub(tail_len)..];
+            let mut start = Framing::new();
+            // A random starting state, reached by feeding a random prefix.
+            let prefix: Vec<u8> = (0..(next() % 4)).map(|_| alphabet[(next() % 6) as usize]).collect();
+            start.feed(&prefix);
+            let mut by_feed = start;
+            by_feed.feed(&chunk);
+            let mut by_tail = start;
+            if by_tail.advance(chunk.len(), tail) {
+                assert_eq!(by_tail, by_feed, "prefix {prefix:?} chunk {chunk:?} tail {tail:?}");
+                compared += 1;
+            } else {
+                assert_eq!(by_tail, start, "a refused advance observes nothing");
+                assert!(tail.iter().all(|b| *b == b'\r' || *b == b'\n') && tail.len() < chunk.len());
+            }
+        }
+        assert!(compared > 10_000, "{compared}");
     }
 }
