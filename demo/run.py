@@ -45,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "e2e" / "servers"))
 import jwtutil  # noqa: E402
+from httpbase import start_event_stream  # noqa: E402
 from webhook import DEMO_TOPICS as DEMO_USERS  # noqa: E402  (alice -> news, sports; bob -> news)
 
 TEMPLATE = REPO / "envoy" / "revenprox.yaml.tmpl"
@@ -168,13 +169,7 @@ class _AppHandler(BaseHTTPRequestHandler):
         except ValueError:
             every = app.settings["event_interval_sec"]
         every = min(max(every, 0.2), 60.0)
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("cache-control", "no-cache")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
-        if self.command == "HEAD":
-            self.close_connection = True
+        if not start_event_stream(self):
             return
         user = self.headers.get("x-revenprox-user") or ""
         seq = 0

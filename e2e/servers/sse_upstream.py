@@ -17,34 +17,30 @@ GET /events/<topic...>  -> 200 text/event-stream (chunked). The first event's da
                                      "data: after-big\n\n" and the end
                              reset   "data: tick 1\n\n" and half an event, then a TCP reset
 GET /health             -> 200 text/plain "ok"
-anything else           -> a file from --static-dir if present, else 200 text/plain "upstream <path>"
+anything else           -> 200 text/plain "upstream <method> <path>"
 
 Every request is recorded (method, path, headers) so tests can assert that a refused request
 never reached the upstream.
 
-Demo mode (standalone): python3 e2e/servers/sse_upstream.py --demo --port 9002 [--static-dir demo/static]
-streams one event per second on every topic: data {"topic","seq","user","time"}.
+The demo's topic server is `demo/run.py --serve-app`, not this test server.
 """
 import argparse
 import io
 import json
-import mimetypes
 import os
 import select
-import signal
 import socket
 import struct
 import sys
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
 try:  # imported as servers.sse_upstream
-    from .httpbase import QuietServer
+    from .httpbase import QuietServer, serve_until_signalled, start_event_stream
 except ImportError:  # run as a script
-    from httpbase import QuietServer  # type: ignore
+    from httpbase import QuietServer, serve_until_signalled, start_event_stream  # type: ignore
 
 
 @dataclass
@@ -118,14 +114,6 @@ class _Handler(BaseHTTPRequestHandler):
             return self._sse(raw_path)
         if raw_path == "/health":
             return self._simple(200, b"ok")
-        if owner.static_dir and self.command == "GET":
-            rel = "index.html" if raw_path in ("/", "") else urllib.parse.unquote(raw_path.lstrip("/"))
-            full = os.path.realpath(os.path.join(owner.static_dir, rel))
-            if full.startswith(os.path.realpath(owner.static_dir) + os.sep) and os.path.isfile(full):
-                with open(full, "rb") as f:
-                    data = f.read()
-                ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
-                return self._simple(200, data, ctype)
         return self._simple(200, f"upstream {self.command} {self.path}\n".encode())
 
     do_GET = _handle
@@ -141,77 +129,59 @@ class _Handler(BaseHTTPRequestHandler):
             interval = float(self.headers.get("x-upstream-interval") or owner.interval)
         except ValueError:
             interval = owner.interval
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("cache-control", "no-cache")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
-        if self.command == "HEAD":
-            self.close_connection = True
+        if not start_event_stream(self):
             return
-        topic_seg = raw_path[len("/events/"):].split("/", 1)[0]
-        topic = urllib.parse.unquote(topic_seg)
         try:
-            if owner.demo:
-                user = self.headers.get(owner.user_header) or ""
-                seq = 0
-                while True:
-                    data = {"topic": topic, "seq": seq, "user": user, "time": time.strftime("%H:%M:%S")}
-                    self._chunk(f"id: {seq}\nevent: message\ndata: {json.dumps(data)}\n\n".encode())
-                    seq += 1
-                    if self._client_gone(interval):
-                        break
-            else:
-                echo = {
-                    "path": self.path,
-                    "headers": {k.lower(): v for k, v in self.headers.items()},
-                }
-                self._chunk(b"data: " + json.dumps(echo, separators=(",", ":")).encode() + b"\n\n")
-                if mode == "stream":
-                    n = 1
-                    while not self._client_gone(interval):
-                        # id = send time, so a client can measure the latency Envoy adds
-                        self._chunk(f"id: {time.time():.6f}\ndata: tick {n}\n\n".encode())
-                        n += 1
-                elif mode == "split":
-                    # one event split across two chunks with a pause inside it, then one more event
-                    delay = float(self.headers.get("x-upstream-split-delay") or 1.5)
-                    if self._client_gone(delay):
-                        return
-                    self._chunk(b"data: first-half-")
-                    if self._client_gone(delay):
-                        return
-                    self._chunk(b"second-half\n\n")
-                    self._chunk(b"data: after\n\n")
-                    self.wfile.write(b"0\r\n\r\n")
-                    self.wfile.flush()
+            echo = {
+                "path": self.path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+            }
+            self._chunk(b"data: " + json.dumps(echo, separators=(",", ":")).encode() + b"\n\n")
+            if mode == "stream":
+                n = 1
+                while not self._client_gone(interval):
+                    # id = send time, so a client can measure the latency Envoy adds
+                    self._chunk(f"id: {time.time():.6f}\ndata: tick {n}\n\n".encode())
+                    n += 1
+            elif mode == "split":
+                # one event split across two chunks with a pause inside it, then one more event
+                delay = float(self.headers.get("x-upstream-split-delay") or 1.5)
+                if self._client_gone(delay):
                     return
-                elif mode == "big":
-                    # one 2 MB event in 64 KB chunks (the client checks it arrives unchanged), then one more
-                    payload = (b"0123456789abcdef" * 4096)[:65536]
-                    event = b"id: big\ndata: " + payload * 32 + b"\n\n"
-                    for i in range(0, len(event), 65536):
-                        self._chunk(event[i:i + 65536])
-                    self._chunk(b"data: after-big\n\n")
-                    self.wfile.write(b"0\r\n\r\n")
-                    self.wfile.flush()
+                self._chunk(b"data: first-half-")
+                if self._client_gone(delay):
                     return
-                elif mode == "reset":
-                    # half an event, then the connection is torn down without a terminating chunk
-                    self._chunk(b"data: tick 1\n\ndata: half-")
-                    time.sleep(0.3)
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    # close the fd itself (rfile/wfile keep the socket object alive): linger 0 = RST
-                    os.close(self.connection.detach())
-                    self.wfile = io.BytesIO()
-                    return
-                elif mode == "silent":
-                    while not self._client_gone(0.5):
-                        pass
-                else:  # end
-                    self.wfile.write(b"0\r\n\r\n")
-                    self.wfile.flush()
-                    return
+                self._chunk(b"second-half\n\n")
+                self._chunk(b"data: after\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                return
+            elif mode == "big":
+                # one 2 MB event in 64 KB chunks (the client checks it arrives unchanged), then one more
+                payload = (b"0123456789abcdef" * 4096)[:65536]
+                event = b"id: big\ndata: " + payload * 32 + b"\n\n"
+                for i in range(0, len(event), 65536):
+                    self._chunk(event[i:i + 65536])
+                self._chunk(b"data: after-big\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                return
+            elif mode == "reset":
+                # half an event, then the connection is torn down without a terminating chunk
+                self._chunk(b"data: tick 1\n\ndata: half-")
+                time.sleep(0.3)
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # close the fd itself (rfile/wfile keep the socket object alive): linger 0 = RST
+                os.close(self.connection.detach())
+                self.wfile = io.BytesIO()
+                return
+            elif mode == "silent":
+                while not self._client_gone(0.5):
+                    pass
+            else:  # end
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                return
         except OSError:
             pass
         self.close_connection = True
@@ -221,15 +191,11 @@ _Server = QuietServer
 
 
 class SseUpstream:
-    def __init__(self, host="127.0.0.1", port=0, default_mode="end", interval=1.0, demo=False,
-                 static_dir=None, user_header="x-revenprox-user", verbose=False):
+    def __init__(self, host="127.0.0.1", port=0, default_mode="end", interval=1.0, verbose=False):
         self.host = host
         self.requested_port = port
         self.default_mode = default_mode
         self.interval = interval
-        self.demo = demo
-        self.static_dir = static_dir
-        self.user_header = user_header
         self.verbose = verbose
         self._lock = threading.Lock()
         self._requests = []
@@ -269,21 +235,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=int(os.environ.get("UPSTREAM_PORT", "9002")))
-    ap.add_argument("--demo", action="store_true", help="publish one event per second on every topic")
     ap.add_argument("--mode", default="stream", choices=["end", "stream", "silent"], help="test-mode default")
     ap.add_argument("--interval", type=float, default=1.0)
-    ap.add_argument("--static-dir", default=None)
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    srv = SseUpstream(args.host, args.port, default_mode=args.mode, interval=args.interval, demo=args.demo,
-                      static_dir=args.static_dir, verbose=args.verbose).start()
-    print(f"sse upstream listening on http://{args.host}:{srv.port}/events/<topic> demo={args.demo}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
-    srv.stop()
+    srv = SseUpstream(args.host, args.port, default_mode=args.mode, interval=args.interval,
+                      verbose=args.verbose).start()
+    print(f"sse upstream listening on http://{args.host}:{srv.port}/events/<topic>", flush=True)
+    serve_until_signalled(srv)
 
 
 if __name__ == "__main__":

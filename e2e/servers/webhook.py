@@ -18,7 +18,6 @@ Demo mode (standalone):
 import argparse
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -29,10 +28,10 @@ from typing import Any, Callable, Optional, Union
 
 try:  # imported as servers.webhook
     from . import jwtutil
-    from .httpbase import QuietServer
+    from .httpbase import QuietServer, serve_until_signalled
 except ImportError:  # run as a script
     import jwtutil  # type: ignore
-    from httpbase import QuietServer  # type: ignore
+    from httpbase import QuietServer, serve_until_signalled  # type: ignore
 
 DEMO_TOPICS = {"alice": ["news", "sports"], "bob": ["news"]}
 
@@ -273,12 +272,7 @@ def main(argv=None):
     srv.start()
     mode = "demo (HS256, topics: %s)" % json.dumps(DEMO_TOPICS) if args.demo else "test (accept all)"
     print(f"webhook listening on http://{args.host}:{srv.port}/verify mode={mode}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
-    srv.stop()
+    serve_until_signalled(srv)
 
 
 if __name__ == "__main__":
