@@ -11,23 +11,58 @@ use sha2::{Digest, Sha256};
 /// Longest topic segment accepted (bytes, before decoding).
 pub const MAX_SEGMENT_LEN: usize = 1024;
 
-/// True when `rest` holds a `.` or `..` segment, literally or once percent-decoded, behind an
-/// encoded slash or a backslash, or with `;` parameters (`..;x`): an upstream that normalizes the
-/// path would then serve another resource than the topic this path seems to name, e.g.
-/// `/events/news/../secret` authorized as `news` but served as `/events/secret`.
+/// True when `rest` holds a `.` or `..` segment, literally or percent-decoded (up to
+/// `DECODE_ROUNDS` times, for upstreams that decode twice), spelled with overlong UTF-8 or
+/// look-alike dots (`%c0%ae`, U+FF0E, U+2024), behind an encoded or look-alike slash or a
+/// backslash, or with `;` parameters (`..;x`): an upstream that normalizes the path would then
+/// serve another resource than the topic this path seems to name, e.g. `/events/news/../secret`
+/// authorized as `news` but served as `/events/secret`.
 fn has_dot_segment(rest: &str) -> bool {
     rest.split('/').any(|raw| {
-        decode_leniently(raw).split(|b| *b == b'/' || *b == b'\\').any(|piece| {
-            let name = piece.split(|b| *b == b';').next().unwrap_or_default();
-            name == b"." || name == b".."
-        })
+        let mut bytes = raw.as_bytes().to_vec();
+        for _ in 0..DECODE_ROUNDS {
+            if names_dot_segment(&bytes) || !bytes.contains(&b'%') {
+                break;
+            }
+            bytes = decode_leniently(&bytes);
+        }
+        names_dot_segment(&bytes)
+    })
+}
+
+/// Percent-decoding rounds `has_dot_segment` applies (`%25252e` is a dot after three).
+const DECODE_ROUNDS: usize = 3;
+
+/// Spellings of `.` and `/` that lenient decoders (overlong UTF-8) or Unicode normalization (NFKC
+/// maps U+FF0E and U+2024 to `.`, U+FF0F to `/`) turn into the ASCII character.
+const DOT_LIKE: [&[u8]; 4] = [b"\xc0\xae", b"\xe0\x80\xae", "\u{ff0e}".as_bytes(), "\u{2024}".as_bytes()];
+const SLASH_LIKE: [&[u8]; 4] = [b"\\", b"\xc0\xaf", b"\xe0\x80\xaf", "\u{ff0f}".as_bytes()];
+
+/// True when one of the `/`-separated pieces of a decoded segment is `.` or `..` (after mapping
+/// look-alikes to ASCII and dropping `;` parameters).
+fn names_dot_segment(decoded: &[u8]) -> bool {
+    let mut plain = Vec::with_capacity(decoded.len());
+    let mut rest = decoded;
+    while let Some(&b) = rest.first() {
+        let dot = DOT_LIKE.iter().find(|d| rest.starts_with(d));
+        let slash = SLASH_LIKE.iter().find(|s| rest.starts_with(s));
+        let (out, len) = match (dot, slash) {
+            (Some(d), _) => (b'.', d.len()),
+            (None, Some(s)) => (b'/', s.len()),
+            (None, None) => (b, 1),
+        };
+        plain.push(out);
+        rest = rest.get(len..).unwrap_or_default();
+    }
+    plain.split(|b| *b == b'/').any(|piece| {
+        let name = piece.split(|b| *b == b';').next().unwrap_or_default();
+        name == b"." || name == b".."
     })
 }
 
 /// Decodes every valid `%XX` escape and keeps everything else as it is, as the most lenient
 /// upstream would: an invalid escape elsewhere in a segment must not hide an encoded `..`.
-fn decode_leniently(raw: &str) -> Vec<u8> {
-    let bytes = raw.as_bytes();
+fn decode_leniently(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
@@ -105,6 +140,18 @@ mod tests {
             // encoded dots from a strict decoder.
             "/events/news/%zz\\%2e%2e\\secret",
             "/events/news/%2e%2e%2f%zz",
+            // Double and triple encoding, for upstreams that decode more than once.
+            "/events/news/%252e%252e/secret",
+            "/events/news/%25252e%25252E/secret",
+            "/events/news/..%252fsecret",
+            // Overlong UTF-8 and Unicode look-alikes of `.` and `/`.
+            "/events/news/%c0%ae%c0%ae/secret",
+            "/events/news/%e0%80%ae%e0%80%ae/secret",
+            "/events/news/%ef%bc%8e%ef%bc%8e/secret",
+            "/events/news/%e2%80%a4%e2%80%a4/secret",
+            "/events/news/..%c0%afsecret",
+            "/events/news/..%ef%bc%8fsecret",
+            "/events/news/\u{ff0e}\u{ff0e}/secret",
         ] {
             assert_eq!(segment(path, "/events/"), None, "{path}");
         }
@@ -114,6 +161,8 @@ mod tests {
         assert_eq!(segment("/events/.hidden", "/events/"), Some(".hidden"));
         assert_eq!(segment("/events/news/%zz", "/events/"), Some("news"));
         assert_eq!(segment("/events/news/%2e%2e%zz", "/events/"), Some("news"));
+        assert_eq!(segment("/events/news/%25%25%25%25", "/events/"), Some("news"));
+        assert_eq!(segment("/events/news/%c0%ae%c0%aex", "/events/"), Some("news"));
     }
 
     #[test]
