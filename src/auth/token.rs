@@ -130,13 +130,23 @@ pub fn extract(cfg: &TokenConfig, req: &RequestParts) -> Result<Credential, Toke
 
 /// The query string with every token and ticket parameter removed (other parameters keep their
 /// order and their exact bytes). `None` when nothing is left.
+///
+/// Parameters are `&`-separated (as in `URLSearchParams`, and as `extract` reads them), but a
+/// `;`-separated piece that names a token parameter (`a=1;token=X`) is removed too: some upstream
+/// frameworks split on `;`, and the token must reach neither them nor the access log. `extract`
+/// does not read such a token, so the request has none.
 pub fn strip_params(cfg: &TokenConfig, query: &str) -> Option<String> {
-    let kept: Vec<&str> = query
+    let is_token_param = |piece: &str| {
+        let key = piece.split_once('=').map_or(piece, |(k, _)| k);
+        let key = decode_component(key, true).unwrap_or_default();
+        cfg.query_params.iter().chain(&cfg.ticket_params).any(|p| p.as_bytes() == key.as_slice())
+    };
+    let kept: Vec<String> = query
         .split('&')
-        .filter(|pair| {
-            let key = pair.split_once('=').map_or(*pair, |(k, _)| k);
-            let key = decode_component(key, true).unwrap_or_default();
-            !cfg.query_params.iter().chain(&cfg.ticket_params).any(|p| p.as_bytes() == key.as_slice())
+        .filter(|pair| !is_token_param(pair))
+        .map(|pair| match pair.contains(';') {
+            true => pair.split(';').filter(|piece| !is_token_param(piece)).collect::<Vec<_>>().join(";"),
+            false => pair.to_string(),
         })
         .filter(|pair| !pair.is_empty())
         .collect();
@@ -240,5 +250,17 @@ mod tests {
         assert_eq!(strip_params(&c, "token=X&access_token=Y&ticket=Z").as_deref(), None);
         assert_eq!(strip_params(&c, "a=%20&to%6Ben=X").as_deref(), Some("a=%20"));
         assert_eq!(strip_params(&c, "tokenx=1").as_deref(), Some("tokenx=1"));
+    }
+
+    #[test]
+    fn semicolon_separated_token_params_are_stripped_but_not_read() {
+        let c = cfg();
+        assert_eq!(strip_params(&c, "a=1;token=X").as_deref(), Some("a=1"));
+        assert_eq!(strip_params(&c, "a=1;ticket=T;b=2&c=3").as_deref(), Some("a=1;b=2&c=3"));
+        assert_eq!(strip_params(&c, "token=X;a=1&b=2").as_deref(), Some("b=2"));
+        assert_eq!(strip_params(&c, ";access_token=Y").as_deref(), None);
+        assert_eq!(strip_params(&c, "a=1;;b=2").as_deref(), Some("a=1;;b=2"));
+        // `&` separates parameters: after `a=1;` there is no `token` parameter to read.
+        assert_eq!(get(None, Some("a=1;token=e30.e30.c2ln"), None), Err(TokenError::Missing));
     }
 }
