@@ -147,6 +147,18 @@ mod tests {
     }
 
     #[test]
+    fn user_id_travels_upstream_only_up_to_max_length() {
+        let answer = |user: &str| p(&format!(r#"{{"valid":true,"user_id":"{user}","expires_at":2000}}"#));
+        let longest = "u".repeat(MAX_USER_ID);
+        assert_eq!(answer(&longest), Verdict::Allow { user_id: longest.clone(), expires_at: 2000 });
+        assert_eq!(answer(&format!("{longest}u")), Verdict::Deny(DenyReason::NoUser));
+        assert_eq!(answer(&"u".repeat(60_000)), Verdict::Deny(DenyReason::NoUser));
+        // Non-ASCII (which JSON allows) is refused too: the value becomes a header.
+        assert_eq!(answer(r"al\u00efce"), Verdict::Deny(DenyReason::NoUser));
+        assert_eq!(answer(r"a\u0000b"), Verdict::Deny(DenyReason::NoUser));
+    }
+
+    #[test]
     fn denials() {
         assert_eq!(
             p(r#"{"valid":false,"user_id":null,"expires_at":null}"#),
