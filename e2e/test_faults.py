@@ -163,3 +163,52 @@ def test_two_megabyte_event_passes_unchanged(fenv, http2):
     rest = body[echo_end:].replace(b": heartbeat\n\n", b"")
     assert hashlib.sha256(rest).hexdigest() == hashlib.sha256(expected).hexdigest(), (len(rest), len(expected))
     assert_vm_healthy_and_serving(fenv)
+
+
+def test_upstream_flood_is_not_reset_and_heartbeats_follow_it(fenv):
+    """A fast upstream fills Envoy's reads with up to 1 MiB. Holding such a chunk (Envoy's
+    StopIterationAndBuffer) while the next read lands on it overflowed Envoy's buffer limit and
+    reset the stream (`rs_too_large`); the filter now lets chunks over 64 KiB straight through.
+    Every event must arrive, in order, unchanged; the small last chunk is held again, so the
+    heartbeat still reaches the client in the silence after the flood."""
+    tok = new_token("flood")
+    headers = {**bearer(tok), "x-upstream-mode": "flood", "x-upstream-flood-mb": "48"}
+    before = fenv.stats().get("revenprox_heartbeats_sent")
+    # A raw socket read as fast as the machine allows (http.client's chunked reads are too slow
+    # to keep Envoy's downstream buffer empty, and then Envoy reads the upstream in small pieces).
+    raw = bytearray()
+    sock = socket.create_connection(("127.0.0.1", fenv.port), timeout=20)
+    try:
+        lines = [f"GET /events/news HTTP/1.1", "host: x"] + [f"{k}: {v}" for k, v in headers.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        deadline = time.monotonic() + 20
+        end = -1  # where "data: after-flood" starts in the raw bytes, once it arrived
+        while end < 0 or b": heartbeat\n\n" not in raw[end:]:
+            assert time.monotonic() < deadline, f"no heartbeat after the flood ({len(raw)} bytes)"
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            chunk = sock.recv(4 << 20)
+            assert chunk, f"the stream ended during the flood after {len(raw)} bytes"
+            raw += chunk
+            if end < 0:
+                end = raw.find(b"data: after-flood\n\n", max(0, len(raw) - len(chunk) - 32))
+    finally:
+        sock.close()
+    head, _, chunked = bytes(raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    body = bytearray()
+    pos = 0
+    while pos < len(chunked):
+        eol = chunked.index(b"\r\n", pos)
+        size = int(chunked[pos:eol].split(b";")[0], 16)
+        body += chunked[eol + 2:eol + 2 + size]
+        pos = eol + 2 + size + 2
+    rest = bytes(body[body.index(b"\n\n") + 2:])
+    flood, sep, after = rest.partition(b"data: after-flood\n\n")
+    assert sep, f"the flood did not arrive whole ({len(rest)} bytes)"
+    events = flood.replace(b": heartbeat\n\n", b"").split(b"\n\n")
+    assert events.pop() == b""
+    assert events == [b"data: f%d" % i for i in range(len(events))], "events lost, reordered or changed"
+    assert len(flood) >= 48 * 1024 * 1024
+    assert b": heartbeat\n\n" in after, "no heartbeat reached the client in the silence after the flood"
+    assert fenv.stats().get("revenprox_heartbeats_sent") > before
+    assert_vm_healthy_and_serving(fenv)

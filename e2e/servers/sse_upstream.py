@@ -16,6 +16,10 @@ GET /events/<topic...>  -> 200 text/event-stream (chunked). The first event's da
                              big     one 2 MB event (`id: big`) in 64 KB chunks, then
                                      "data: after-big\n\n" and the end
                              reset   "data: tick 1\n\n" and half an event, then a TCP reset
+                             flood   `x-upstream-flood-mb` MB (default 16) of numbered events
+                                     ("data: f<N>\n\n") written 1 MB at a time as fast as the
+                                     connection takes them, then "data: after-flood\n\n" and
+                                     silence until the client goes away
 GET /health             -> 200 text/plain "ok"
 anything else           -> 200 text/plain "upstream <method> <path>"
 
@@ -166,6 +170,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
                 return
+            elif mode == "flood":
+                total = int(float(self.headers.get("x-upstream-flood-mb") or 16) * 1024 * 1024)
+                n, sent = 0, 0
+                while sent < total:
+                    block = bytearray()
+                    while len(block) < 1024 * 1024:
+                        block += b"data: f%d\n\n" % n
+                        n += 1
+                    self._chunk(bytes(block))
+                    sent += len(block)
+                self._chunk(b"data: after-flood\n\n")
+                while not self._client_gone(0.5):
+                    pass
             elif mode == "reset":
                 # half an event, then the connection is torn down without a terminating chunk
                 self._chunk(b"data: tick 1\n\ndata: half-")

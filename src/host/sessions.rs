@@ -6,7 +6,8 @@
 //! lets the filter write into a response body while it holds that body. So every upstream chunk is
 //! held (the body callback returns `Pause`) and released at once through the worker's own shared
 //! queue (`on_queue_ready` runs on the same thread microseconds later). Between chunks the stream
-//! stays in that holding state, so a timer can append an injection and release it. Injections go
+//! stays in that holding state, so a timer can append an injection and release it. Bodies over
+//! `HOLD_MAX` (floods) are not held: injections then wait for the next (small) chunk. Injections go
 //! only where `Framing` says an upstream event has ended; one due while an event is half through
 //! waits for the chunk that ends it and is spliced in right after that event.
 
@@ -50,6 +51,12 @@ struct Live {
 const EXPIRED_WAIT_MS: u64 = 2_000;
 /// Bytes read from the end of a chunk when only its end state is needed.
 const TAIL_BYTES: usize = 64;
+/// Largest body (everything Envoy buffers for the stream, the new chunk included) that is held.
+/// A held body is Envoy's `StopIterationAndBuffer`: while the release is queued Envoy keeps reading
+/// the upstream into it, and past its buffer limit (1 MiB by default) it resets the stream
+/// (`rs_too_large`). Only a fast upstream delivers this much at once, and then no heartbeat is due,
+/// so larger bodies go straight through; the next small chunk is held again.
+const HOLD_MAX: usize = 64 * 1024;
 /// Time given to an `expired` event to reach the client before the stream is reset.
 const CLOSE_DELAY_MS: u64 = 100;
 /// Streams inside this margin before their challenge look for a re-authorization every tick.
@@ -170,7 +177,8 @@ pub fn body(w: &WorkerRef, ctx: u32, size: usize, end_of_stream: bool, now_ms: u
         }
         live.session.on_sent(now_ms, true);
     }
-    if end_of_stream {
+    if end_of_stream || size > HOLD_MAX {
+        live.held = false;
         return Action::Continue;
     }
     let Some(queue) = queue else {
