@@ -17,3 +17,11 @@ def test_wasm_exports_the_proxy_wasm_abi():
     for name in (b"proxy_abi_version_0_2_1", b"proxy_on_configure", b"proxy_on_request_headers",
                  b"proxy_on_response_body", b"proxy_on_http_call_response", b"proxy_on_queue_ready"):
         assert re.search(re.escape(name), data), f"{name.decode()} is not exported"
+
+
+def test_shipped_wasm_has_no_fault_injection():
+    # The cargo feature `fault-injection` (test-only: a request header makes the VM trap) must never
+    # be in the shipped artifact. Its header name is in the fault build's data (checked by
+    # e2e/test_vm_failure.py), so its absence here means the feature is off.
+    found = b"x-revenprox-fault" in WASM.read_bytes()
+    assert not found, f"{WASM} was built with the fault-injection feature"

@@ -72,6 +72,12 @@ impl HttpContext for Stream {
         // One host call for all request headers; then the client's identity header goes: it is
         // ours alone.
         let headers = abi::headers(MapType::HttpRequestHeaders).unwrap_or_default();
+        // Test-only (feature `fault-injection`, never in the shipped build): kill this VM on demand
+        // with a trap, what a panic becomes under panic=abort (e2e/test_vm_failure.py).
+        #[cfg(feature = "fault-injection")]
+        if abi::find(&headers, "x-revenprox-fault") == Some(&b"trap"[..]) {
+            core::arch::wasm32::unreachable();
+        }
         if abi::find(&headers, &cfg.user_header).is_some()
             && abi::remove_header(MapType::HttpRequestHeaders, &cfg.user_header).is_err()
         {
