@@ -2,6 +2,8 @@
 Envoy exits non-zero at start (contract: "Unknown keys, wrong types and impossible values make
 `on_configure` fail with one log line naming the key")."""
 import re
+import time
+import uuid
 
 import pytest
 
@@ -66,3 +68,38 @@ def test_valid_full_config_starts(envoys):
     assert env.alive
     r = env.get("/events/news")
     assert r.status == 401
+
+
+# ----------------------------------------------------------------------------------------------
+# start warnings (development mode's is `e2e/test_core.py: test_development_mode`)
+# ----------------------------------------------------------------------------------------------
+OPTIONAL_AUTH = plugin_config({"jwt_verifier": {"require_authentication": False}})  # webhook kept
+OPTIONAL_AUTH_WARNING = re.compile(
+    r"\[(warn|warning)\]\[wasm\].*wasm log revenprox.*jwt_verifier\.require_authentication is false: "
+    r"requests without a token pass unauthenticated")
+
+
+def test_optional_authentication_warns_at_start(envoys, upstream):
+    oenv = envoys.get(raw=OPTIONAL_AUTH, name="optional-auth")
+    log = oenv.wait_log(OPTIONAL_AUTH_WARNING, timeout=5.0)
+    assert log is not None, ("optional authentication must log a warning at start; plugin lines:\n"
+                             + "\n".join(ln for ln in oenv.envoy_log().splitlines() if "wasm log revenprox" in ln))
+    assert "DEVELOPMENT MODE" not in log, "a webhook is configured: this is not development mode"
+    # and it is that mode: a request without a token passes, with no user header
+    m = "m=" + uuid.uuid4().hex
+    r = oenv.get(f"/events/news?{m}", {"x-revenprox-user": "mallory"})
+    assert r.status == 200, r
+    reqs = upstream.requests_containing(m)
+    assert len(reqs) == 1 and reqs[0].header_all("x-revenprox-user") == [], reqs
+
+
+def test_default_config_has_no_authentication_warning(env):
+    r = env.get("/events/news")  # the plugin is configured and serving
+    assert r.status == 401, r
+    time.sleep(0.3)
+    log = env.envoy_log()
+    # the log covers the point where the warning would be: every worker's VM was configured
+    assert "Thread-Local Wasm created" in log, "the log shows no configured wasm VM:\n" + env.log_tail()
+    assert not OPTIONAL_AUTH_WARNING.search(log), "optional-authentication warning with the default config"
+    lines = [ln for ln in log.splitlines() if "require_authentication is false" in ln or "DEVELOPMENT MODE" in ln]
+    assert lines == [], lines
