@@ -325,7 +325,8 @@ class Demo:
             LISTEN_PORT=self.port, ADMIN_PORT=self.admin_port, UPSTREAM_PORT=self.upstream_port,
             WEBHOOK_PORT=self.webhook_port, WASM_PATH=str(self.wasm),
             PLUGIN_CONFIG_JSON_STRING=json.dumps(json.dumps(cfg)),
-            ACCESS_LOG_PATH=str(self.dir / "access.log"))
+            ACCESS_LOG_PATH=str(self.dir / "access.log"), NORMALIZE_PATH="true",
+            ESCAPED_SLASHES_ACTION="REJECT_REQUEST")
         path = self.dir / "envoy.yaml"
         path.write_text(text)
         return path

@@ -73,9 +73,19 @@ def plugin_config(overrides=None):
 
 
 def render_template(out_path, *, listen_port, admin_port, upstream_port, webhook_port, wasm_path,
-                    plugin_config_obj, access_log_path, template=TEMPLATE):
+                    plugin_config_obj, access_log_path, template=TEMPLATE, normalize_path=True,
+                    escaped_slashes_action="REJECT_REQUEST"):
     """Render envoy/revenprox.yaml.tmpl. plugin_config_obj: a dict (JSON-encoded) or a raw str
-    (sent as-is, for "not JSON at all" tests)."""
+    (sent as-is, for "not JSON at all" tests).
+
+    normalize_path / escaped_slashes_action: the HCM's path hardening; the defaults are the
+    shipped ones. normalize_path=False, escaped_slashes_action="KEEP_UNCHANGED" hand the path to
+    the filter as sent: only for tests that show the filter's own refusal of paths Envoy would
+    otherwise handle first."""
+    if not isinstance(normalize_path, bool):
+        raise HarnessError(f"normalize_path must be a bool, got {normalize_path!r}")
+    if escaped_slashes_action not in ("REJECT_REQUEST", "KEEP_UNCHANGED"):
+        raise HarnessError(f"escaped_slashes_action: REJECT_REQUEST or KEEP_UNCHANGED, got {escaped_slashes_action!r}")
     raw = plugin_config_obj if isinstance(plugin_config_obj, str) else json.dumps(plugin_config_obj)
     text = string.Template(Path(template).read_text()).substitute(
         LISTEN_PORT=listen_port,
@@ -85,6 +95,8 @@ def render_template(out_path, *, listen_port, admin_port, upstream_port, webhook
         WASM_PATH=str(wasm_path),
         PLUGIN_CONFIG_JSON_STRING=json.dumps(raw),  # a YAML double-quoted scalar == JSON string
         ACCESS_LOG_PATH=str(access_log_path),
+        NORMALIZE_PATH="true" if normalize_path else "false",
+        ESCAPED_SLASHES_ACTION=escaped_slashes_action,
     )
     Path(out_path).write_text(text)
     return text
@@ -365,7 +377,8 @@ class Envoy:
     """One Envoy process rendered from envoy/revenprox.yaml.tmpl."""
 
     def __init__(self, plugin_cfg, *, webhook_port, upstream_port, name="envoy", concurrency=2,
-                 wasm=None, leak_check=True, extra_args=()):
+                 wasm=None, leak_check=True, extra_args=(), normalize_path=True,
+                 escaped_slashes_action="REJECT_REQUEST"):
         global _counter
         _counter += 1
         self.name = name
@@ -384,11 +397,14 @@ class Envoy:
         self.access_log_path = self.dir / "access.log"
         self.leak_check = leak_check
         self.extra_args = list(extra_args)
+        self.normalize_path = normalize_path
+        self.escaped_slashes_action = escaped_slashes_action
         self.proc = None
         self._logf = None
         render_template(self.yaml_path, listen_port=self.port, admin_port=self.admin_port,
                         upstream_port=upstream_port, webhook_port=webhook_port, wasm_path=self.wasm,
-                        plugin_config_obj=plugin_cfg, access_log_path=self.access_log_path)
+                        plugin_config_obj=plugin_cfg, access_log_path=self.access_log_path,
+                        normalize_path=normalize_path, escaped_slashes_action=escaped_slashes_action)
         ALL_ENVOYS.append(self)
 
     # -- process -----------------------------------------------------------------------------

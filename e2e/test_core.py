@@ -210,11 +210,14 @@ def test_denied_request_with_spoofed_user_never_reaches_upstream(env, upstream, 
 
 
 def test_non_topic_paths_bypass_the_filter(env, webhook, upstream):
+    # the catch-all route `other` has the filter disabled: no webhook call, nothing stripped
     before = len(webhook.calls)
     r = env.get("/health")
     assert r.status == 200 and r.body == b"ok"
-    r = env.get("/static/app.js?token=whatever")
-    assert r.status == 200
+    m = uuid.uuid4().hex
+    r = env.get(f"/static/app.js?token=whatever&m={m}")
+    assert r.status == 200 and r.text == f"upstream GET /static/app.js?token=whatever&m={m}\n", r
+    assert [q.path for q in upstream.requests_containing(m)] == [f"/static/app.js?token=whatever&m={m}"]
     assert len(webhook.calls) == before
 
 
@@ -352,7 +355,7 @@ def test_invalid_token_from_webhook(env, webhook, upstream, verdict):
     assert_not_forwarded(upstream, m)
 
 
-@pytest.mark.parametrize("path", ["/events/", "/events//x", "/events", "/events/?x=1", "/events?x=1"])
+@pytest.mark.parametrize("path", ["/events/", "/events", "/events/?x=1", "/events?x=1", "/Events/x", "/eventsx"])
 def test_no_topic_404(env, webhook, upstream, path):
     tok = new_token("notopic")
     r = env.get(path, bearer(tok))
@@ -360,6 +363,17 @@ def test_no_topic_404(env, webhook, upstream, path):
     assert webhook.calls_for(tok) == []
     assert_not_forwarded(upstream, tok)
     assert upstream.requests_containing(sub_of(tok)) == []
+
+
+def test_merged_slashes_name_the_topic_after_them(env, webhook, upstream):
+    # `merge_slashes: true` in the template: /events//x is /events/x before the filter sees it
+    # (an upstream that merges slashes serves x, so x is what must be authorized)
+    tok = new_token("slashes")
+    m = marker()
+    r = env.get(f"/events//x?{m}", bearer(tok))
+    assert_allowed(r, sub_of(tok))
+    assert [c.topic for c in webhook.calls_for(tok)] == [topic_id("x")]
+    assert [q.path for q in upstream.requests_containing(m)] == [f"/events/x?{m}"]
 
 
 def test_no_topic_404_without_token(env, upstream):
@@ -752,6 +766,68 @@ def test_metric_names_present(env):
 
 
 # ----------------------------------------------------------------------------------------------
+# dot segments: Envoy's normalization (shipped) and the filter's own refusal (raw path)
+# ----------------------------------------------------------------------------------------------
+def raw_path_envoy(envoys):
+    """The template with Envoy's own path handling off (NORMALIZE_PATH=false,
+    ESCAPED_SLASHES_ACTION=KEEP_UNCHANGED): the filter gets the path as sent, so its own refusal is
+    what a test sees. A test configuration only (the shipped one normalizes)."""
+    return envoys.get(name="raw-path", normalize_path=False, escaped_slashes_action="KEEP_UNCHANGED")
+
+
+def only_on(*topics):
+    """A webhook verdict that allows the token on these topic ids only."""
+    return Behaviour(verdict=lambda token, topic: (
+        {"valid": True, "user_id": "only-" + topics[0][:8], "expires_at": int(time.time()) + 600}
+        if topic in topics else {"valid": False, "user_id": None, "expires_at": None}))
+
+
+# path -> what the shipped template (normalize_path, path_with_escaped_slashes_action:
+# REJECT_REQUEST) makes of it before the filter runs: the topic segment Envoy resolved it to, or
+# "rejected" (400 from Envoy).
+DOT_PATHS_SHIPPED = {"/events/news/../secret": "secret", "/events/news/%2e%2e/secret": "secret",
+                     "/events/news/..%2fsecret": "rejected"}
+
+
+@pytest.mark.parametrize("shipped", [True, False], ids=["shipped", "filter-only"])
+@pytest.mark.parametrize("path", list(DOT_PATHS_SHIPPED))
+def test_dot_segments_are_not_authorized_as_the_first_topic(envoys, env, webhook, upstream, path, shipped):
+    # An upstream that normalizes the path would serve /events/secret: the request must never be
+    # authorized as `news`, the topic before the dots.
+    tok = new_token("dots")
+    webhook.program(tok, only_on(NEWS))  # this token may read `news` and nothing else
+    m = marker()
+    if not shipped:
+        # the filter's own refusal: a path with a dot segment names no topic
+        r = raw_path_envoy(envoys).get(f"{path}?{m}", bearer(tok))
+        assert_error(r, 404, "no_topic")
+        assert webhook.calls_for(tok) == []
+        assert_not_forwarded(upstream, m)
+        return
+    r = env.get(f"{path}?{m}", bearer(tok))
+    if DOT_PATHS_SHIPPED[path] == "rejected":
+        # path_with_escaped_slashes_action: REJECT_REQUEST, before routing and filters
+        assert r.status == 400 and r.body == b"", r
+        assert webhook.calls_for(tok) == []
+        assert_not_forwarded(upstream, m)
+        return
+    # normalize_path resolved the dots: the filter sees /events/secret and asks about `secret`
+    seg = DOT_PATHS_SHIPPED[path]
+    assert_error(r, 401, "invalid_token")
+    assert [c.topic for c in webhook.calls_for(tok)] == [topic_id(seg)]
+    assert_not_forwarded(upstream, m)
+    # a token allowed on `secret` gets exactly /events/secret, the topic it was checked for
+    other = new_token("dots-secret")
+    webhook.program(other, only_on(topic_id(seg)))
+    m2 = marker()
+    r = env.get(f"{path}?{m2}", bearer(other))
+    assert r.status == 200, r
+    assert r.first_event_json()["path"] == f"/events/{seg}?{m2}"
+    assert [q.path for q in upstream.requests_containing(m2)] == [f"/events/{seg}?{m2}"]
+    assert [c.topic for c in webhook.calls_for(other)] == [topic_id(seg)]
+
+
+# ----------------------------------------------------------------------------------------------
 # the token never shows up in Envoy's logs (keep this test last in the module)
 # ----------------------------------------------------------------------------------------------
 def test_zz_tokens_never_logged(envoys, env):
@@ -769,17 +845,3 @@ def test_zz_tokens_never_logged(envoys, env):
                             f"(envoy.log / access.log), e.g.:\n" + "\n".join(where))
         checked += 1
     assert checked >= 1
-
-
-@pytest.mark.parametrize("path", ["/events/news/../secret", "/events/news/%2e%2e/secret", "/events/news/..%2fsecret"])
-def test_dot_segments_are_not_authorized_as_the_first_topic(env, webhook, upstream, path):
-    # An upstream that normalizes the path would serve /events/secret, not the topic `news`
-    # the token may be allowed on: such a path names no topic and is never forwarded.
-    tok = new_token("dots")
-    m = marker()
-    r = env.get(f"{path}?{m}", bearer(tok))
-    assert r.status in (400, 404), r
-    if r.status == 404:
-        assert_error(r, 404, "no_topic")
-    assert webhook.calls_for(tok) == []
-    assert_not_forwarded(upstream, m)

@@ -225,13 +225,18 @@ def test_compose_envoy_config_is_make_demos_config(tmp_path, monkeypatch):
     hcm = f"{listener}.filter_chains[0].filters[0].typed_config"
     expected = {"admin.address.socket_address.address",
                 f"{listener}.address.socket_address.address",
-                f"{hcm}.access_log[0].typed_config.path"}
+                f"{hcm}.access_log[0].typed_config.path", f"{hcm}.access_log[1].typed_config.path"}
     for i in (0, 1):
         cl = f"static_resources.clusters[{i}]"
         expected |= {f"{cl}.type", f"{cl}.dns_lookup_family",
                      f"{cl}.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address"}
     assert diff_paths(demo_doc, compose_doc) == expected
     assert wasm_filter(compose_doc) == wasm_filter(demo_doc)  # same filter, same plugin JSON
+    # both render the template's path hardening (NORMALIZE_PATH defaults to true everywhere)
+    for doc in (demo_doc, compose_doc):
+        h = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        assert (h["normalize_path"], h["merge_slashes"], h["path_with_escaped_slashes_action"]) == \
+            (True, True, "REJECT_REQUEST"), h
 
 
 def test_compose_envoy_config_passes_envoy_validate(tmp_path):
@@ -522,6 +527,9 @@ def test_gloo_manifest_is_consistent():
     assert kinds == {("gloo.solo.io/v1", "Upstream"), ("gateway.solo.io/v1", "Gateway"),
                      ("gateway.solo.io/v1", "VirtualService")}
     gw, f = gloo_filter()
+    # the template's path hardening, in Gloo's HttpConnectionManagerSettings field names
+    assert gw["spec"]["httpGateway"]["options"]["httpConnectionManagerSettings"] == {
+        "normalizePath": True, "mergeSlashes": True, "pathWithEscapedSlashesAction": "REJECT_REQUEST"}
     assert set(f) <= {"name", "rootId", "vmType", "image", "filePath", "config", "filterStage"}
     assert ("image" in f) != ("filePath" in f), "exactly one module source"
     assert f["rootId"] == "revenprox" and f["vmType"] == "V8"

@@ -44,6 +44,8 @@ HEADER = """\
 # The Envoy config of docker-compose.yml: `make demo`'s config (same ports, same plugin JSON)
 # with container addresses: listener/admin on 0.0.0.0, clusters -> the compose services
 # `topics` and `webhook` by DNS. e2e/test_deploy.py checks it against the template.
+# Why each setting is there (path normalization, the routes, the two access logs): see the
+# comments in envoy/revenprox.yaml.tmpl.
 """
 
 
@@ -54,7 +56,8 @@ def render_template_dict(wasm_path=WASM_IN_CONTAINER, access_log="/dev/stdout", 
     text = string.Template(TEMPLATE.read_text()).substitute(
         LISTEN_PORT=p["PORT"], ADMIN_PORT=p["ADMIN_PORT"], UPSTREAM_PORT=p["UPSTREAM_PORT"],
         WEBHOOK_PORT=p["WEBHOOK_PORT"], WASM_PATH=wasm_path,
-        PLUGIN_CONFIG_JSON_STRING=json.dumps(json.dumps(cfg)), ACCESS_LOG_PATH=access_log)
+        PLUGIN_CONFIG_JSON_STRING=json.dumps(json.dumps(cfg)), ACCESS_LOG_PATH=access_log,
+        NORMALIZE_PATH="true", ESCAPED_SLASHES_ACTION="REJECT_REQUEST")
     return yaml.safe_load(text)
 
 
