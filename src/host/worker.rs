@@ -17,7 +17,7 @@ use crate::auth::token::Kind;
 use crate::auth::verdict::{self, Failure, Verdict, MAX_BODY};
 use crate::config::Config;
 use crate::resilience::breaker::{self, Admit};
-use crate::resilience::flight::{FlightKey, Flights, Waiter};
+use crate::resilience::flight::{FlightKey, Flights, Left, Waiter};
 use crate::sse::registry;
 use lru::LruCache;
 use proxy_wasm::hostcalls;
@@ -467,22 +467,23 @@ pub fn tick(w: &WorkerRef, now_ms: u64) {
 
 /// Stream `ctx` went away: it no longer waits, and a call it made is lost with it.
 pub fn leave(w: &WorkerRef, ctx: u32, now_ms: u64) {
-    let orphaned = {
+    let left = {
         let mut wb = w.borrow_mut();
         let Worker { flights, call_owner, .. } = &mut *wb;
-        let orphaned = match flights.leave(ctx, |call| call_owner.get(&call) == Some(&ctx)) {
-            Some((key, true)) => {
-                flights.recall(&key, now_ms);
-                true
-            }
-            _ => false,
-        };
+        let left = flights.leave(ctx, |call| call_owner.get(&call) == Some(&ctx));
+        if let Some(Left::Waiting { key, orphaned: true }) = left {
+            flights.recall(&key, now_ms);
+        }
         // Calls this stream made will never be answered to it: forget them.
         call_owner.retain(|_, owner| *owner != ctx);
-        orphaned
+        left
     };
-    if orphaned {
-        reschedule(w, now_ms);
+    match left {
+        Some(Left::Waiting { orphaned: true, .. }) => reschedule(w, now_ms),
+        // Nobody waits for the half-open probe any more: give it back, or the breaker would
+        // refuse every verification in this Envoy until the probe timed out.
+        Some(Left::Ended { probe: true, .. }) => shared::breaker_abandon_probe(now_ms),
+        _ => {}
     }
 }
 

@@ -44,6 +44,18 @@ pub fn backoff_ms(attempt: u32) -> u64 {
     100 * u64::from(attempt)
 }
 
+/// What a stream's departure did to the flight it waited on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// Others still wait. `orphaned`: the call in progress was made by that stream, so its answer
+    /// will never arrive and the flight needs a new call.
+    Waiting { key: FlightKey, orphaned: bool },
+    /// It was the last waiter: the flight ended. `probe`: the flight was the circuit breaker's
+    /// half-open probe, which must be given back or the breaker refuses everything until the
+    /// probe times out.
+    Ended { key: FlightKey, probe: bool },
+}
+
 #[derive(Debug)]
 pub struct Flights<V> {
     by_key: HashMap<FlightKey, Flight<V>>,
@@ -153,19 +165,19 @@ impl<V> Flights<V> {
         Some(f)
     }
 
-    /// A waiting stream went away. Returns the flight key and whether the flight's call in
-    /// progress was made by that stream (its answer will never arrive, so the flight needs a
-    /// new call) — or ends the flight when nobody is left waiting.
-    pub fn leave(&mut self, context_id: u32, call_owner: impl Fn(u32) -> bool) -> Option<(FlightKey, bool)> {
+    /// A waiting stream went away: what that did to the flight it waited on (`None` when it
+    /// waited on none).
+    pub fn leave(&mut self, context_id: u32, call_owner: impl Fn(u32) -> bool) -> Option<Left> {
         let key = *self.by_key.iter().find(|(_, f)| f.waiters.iter().any(|w| w.context_id == context_id))?.0;
         let f = self.by_key.get_mut(&key)?;
         f.waiters.retain(|w| w.context_id != context_id);
         if f.waiters.is_empty() {
+            let probe = f.probe;
             self.finish(&key);
-            return Some((key, false));
+            return Some(Left::Ended { key, probe });
         }
         let orphaned = f.call.is_some_and(&call_owner);
-        Some((key, orphaned))
+        Some(Left::Waiting { key, orphaned })
     }
 
     /// Makes a flight whose call was lost due again at once (without counting an attempt).
@@ -251,15 +263,31 @@ mod tests {
         f.join(k, w(2));
         f.called(k, 40, 0);
         // The caller leaves: its call's answer is lost, the flight must call again.
-        assert_eq!(f.leave(1, |call| call == 40), Some((k, true)));
+        assert_eq!(f.leave(1, |call| call == 40), Some(Left::Waiting { key: k, orphaned: true }));
         f.recall(&k, 5);
         assert_eq!(f.due(5), vec![k]);
         assert_eq!(f.get(&k).unwrap().attempts, 0);
         assert_eq!(f.answered(40), None);
         // The last waiter leaves: the flight ends.
-        assert_eq!(f.leave(2, |_| false), Some((k, false)));
+        assert_eq!(f.leave(2, |_| false), Some(Left::Ended { key: k, probe: false }));
         assert!(f.is_empty());
         assert_eq!(f.leave(3, |_| false), None);
+    }
+
+    #[test]
+    fn a_probe_abandoned_by_its_last_waiter_is_reported() {
+        // Found while modelling fuzz/fuzz_targets/flight.rs: the ended probe flight was reported
+        // like any departure, so the breaker stayed half-open (refusing every verification in the
+        // Envoy) until the probe timed out.
+        let mut f: Flights<()> = Flights::default();
+        let k = FlightKey::Shared([3; 32]);
+        f.start(k, (), w(1), true, 0);
+        f.join(k, w(2));
+        f.called(k, 7, 0);
+        assert_eq!(f.leave(1, |c| c == 7), Some(Left::Waiting { key: k, orphaned: true }));
+        assert_eq!(f.leave(2, |_| false), Some(Left::Ended { key: k, probe: true }));
+        assert!(f.is_empty());
+        assert_eq!(f.answered(7), None);
     }
 
     #[test]
