@@ -3,7 +3,7 @@
 #
 #   make lint          cargo fmt --check (filter and fuzz crate); clippy on all native targets and on
 #                      the wasm32 release build (the host edge only compiles there), warnings = errors
-#   make fuzz-smoke    every fuzz target for FUZZ_SMOKE_SECONDS (default 20 s; 9 targets = 180 s plus
+#   make fuzz-smoke    every fuzz target for FUZZ_SMOKE_SECONDS (default 20 s; 10 targets = 200 s plus
 #                      the build); installs cargo-fuzz if missing; fails on any finding. For CI.
 #   make fuzz          long runs: FUZZ_SECONDS per target (default 600), FUZZ_JOBS at once (default 1;
 #                      the machine has 2 cores), FUZZ_TARGETS to choose (default all)
