@@ -125,6 +125,62 @@ def test_exactly_one_probe_for_the_whole_envoy(envoys, webhook):
     assert_allowed(env.get("/events/news", bearer(other)), sub_of(other))
 
 
+# A probe that is never answered is given up after (timeout_ms + 1000) x (retry_attempts + 1).
+ABANDON = {"jwt_verifier": {"retry_attempts": 0, "timeout_ms": 4000, "circuit_breaker_threshold": 2,
+                            "circuit_breaker_timeout_sec": 1}}
+ABANDON_PROBE_TIMEOUT = (4000 + 1000) * (0 + 1) / 1000
+ABANDON_GIVEN_BACK_WITHIN = 1.5  # seconds after the probe's client left; far below the probe timeout
+
+
+def test_half_open_probe_is_given_back_when_its_client_leaves(envoys, webhook):
+    env = envoys.get(ABANDON, name="breaker-abandon")
+    for i in range(2):
+        bad = new_token(f"abandon-bad{i}")
+        webhook.program(bad, Behaviour(status=500))
+        assert_error(env.get("/events/news", bearer(bad)), 503, "auth_unavailable")
+    assert wait_until(lambda: env.stats().get("revenprox_circuit_state") == 1, timeout=3), "circuit did not open"
+    time.sleep(1.2)  # circuit_breaker_timeout_sec: the next verification is the one probe
+    # The probe's webhook answer hangs (past the call's own timeout): only its client leaving ends it.
+    hang = new_token("abandon-probe")
+    webhook.program(hang, Behaviour(delay=ABANDON_PROBE_TIMEOUT + 1))
+    leaver = socket.create_connection(("127.0.0.1", env.port))
+    try:
+        leaver.sendall(f"GET /events/news HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hang}\r\n\r\n".encode())
+        assert len(webhook.wait_calls(hang, 1, timeout=3)) == 1, "the probe did not reach the webhook"
+        # While it is in flight, every other verification in the Envoy is refused without a call.
+        blocked = new_token("abandon-blocked")
+        assert_error(env.get("/events/news", bearer(blocked)), 503, "auth_unavailable")
+        assert webhook.calls_for(blocked) == []
+    finally:
+        leaver.close()  # the probe's only waiter leaves while its webhook call is in progress
+    left_at = time.monotonic()
+    # The next verification (whichever worker it lands on) becomes the new probe. Envoy notices the
+    # close asynchronously on the leaver's worker, so a refusal or two right after it are tolerated.
+    nxt = new_token("abandon-next")  # the webhook's default answer: valid
+    statuses = []
+    while True:
+        r = env.get("/events/news", bearer(nxt), timeout=5)
+        statuses.append(r.status)
+        if r.status != 503 or time.monotonic() - left_at > ABANDON_GIVEN_BACK_WITHIN:
+            break
+        time.sleep(0.05)
+    elapsed = time.monotonic() - left_at
+    assert r.status == 200, (
+        f"still refused {elapsed:.2f}s after the probe's client left (statuses {statuses}); "
+        f"the abandoned probe would block every verification for {ABANDON_PROBE_TIMEOUT:.0f}s")
+    assert_allowed(r, sub_of(nxt))
+    assert elapsed < ABANDON_GIVEN_BACK_WITHIN < ABANDON_PROBE_TIMEOUT
+    assert len(webhook.calls_for(nxt)) == 1  # the refusals before it made no call
+    assert len(webhook.calls_for(hang)) == 1  # the abandoned probe was not called again
+    # The new probe's answer closed the circuit; the late answer of the abandoned one changes nothing.
+    assert wait_until(lambda: env.stats().get("revenprox_circuit_state") == 0, timeout=3)
+    log = env.envoy_log()
+    assert log.count("circuit half-open: probing the webhook") == 2, log.count("probing the webhook")
+    assert log.count("circuit closed") == 1
+    after = new_token("abandon-after")
+    assert_allowed(env.get("/events/news", bearer(after)), sub_of(after))
+
+
 def test_rate_limit_caps_webhook_calls_across_workers(envoys, webhook):
     env = envoys.get({"jwt_verifier": {"rate_limit_per_sec": 5}}, name="ratelimit-cap")
     time.sleep(1.1)  # a full bucket
