@@ -13,7 +13,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use fuzz_support::{reference, CfgSpec};
+use fuzz_support::{assert_topic_is_served, reference, CfgSpec};
 use libfuzzer_sys::fuzz_target;
 use revenprox::auth::gate::{self, Request, Step, CHALLENGE_RESPONSE};
 use revenprox::auth::reply::Code;
@@ -109,27 +109,7 @@ fuzz_target!(|input: Input| {
                 assert!(reauth_possible);
             }
             // The topic authorized is the topic served, however the upstream normalizes the path.
-            for (merge, params) in [(false, false), (true, false), (false, true), (true, true)] {
-                // (A topic named `;x` is `/events/` itself to a Servlet container: not a dot-segment
-                // question, and not something the filter claims to handle.)
-                if params && seg.starts_with(';') {
-                    continue;
-                }
-                let authorized = reference::normalize_path(&format!("{prefix}{seg}"), merge, params);
-                let served = reference::normalize_path(path_only, merge, params);
-                // Dot segments never take the topic out of (or back to) the prefix.
-                let undotted =
-                    reference::normalize_path_with(&format!("{prefix}{seg}"), merge, params, false);
-                assert!(
-                    undotted.len() > prefix.len() && undotted.starts_with(prefix),
-                    "path {path:?}: topic {seg:?} is not a topic under {prefix:?} once normalized ({undotted:?})"
-                );
-                let ok = served == authorized
-                    || served
-                        .strip_prefix(&authorized)
-                        .is_some_and(|r| authorized.ends_with('/') || r.starts_with('/'));
-                assert!(ok, "path {path:?}: topic {seg:?} authorized, upstream may serve {served:?}");
-            }
+            assert_topic_is_served(prefix, seg, path_only);
         }
         Step::Reply(r) => {
             assert!(r.retry_after.is_none());

@@ -95,6 +95,32 @@ pub fn production() -> Config {
     }
 }
 
+/// The topic the filter authorized (`seg`, first segment of `path` after `prefix`) is the topic an
+/// upstream serves, however it normalizes the path (RFC 3986 dot removal, with or without merged
+/// slashes and dropped `;` parameters): dot segments never take the topic out of (or back to) the
+/// prefix, and the served path is the authorized topic or below it.
+pub fn assert_topic_is_served(prefix: &str, seg: &str, path: &str) {
+    for (merge, params) in [(false, false), (true, false), (false, true), (true, true)] {
+        // (A topic named `;x` is `/events/` itself to a Servlet container: not a dot-segment
+        // question, and not something the filter claims to handle.)
+        if params && seg.starts_with(';') {
+            continue;
+        }
+        let authorized = reference::normalize_path(&format!("{prefix}{seg}"), merge, params);
+        let served = reference::normalize_path(path, merge, params);
+        let undotted = reference::normalize_path_with(&format!("{prefix}{seg}"), merge, params, false);
+        assert!(
+            undotted.len() > prefix.len() && undotted.starts_with(prefix),
+            "path {path:?}: topic {seg:?} is not a topic under {prefix:?} once normalized ({undotted:?})"
+        );
+        let ok = served == authorized
+            || served
+                .strip_prefix(&authorized)
+                .is_some_and(|r| authorized.ends_with('/') || r.starts_with('/'));
+        assert!(ok, "path {path:?}: topic {seg:?} authorized, upstream may serve {served:?}");
+    }
+}
+
 pub mod reference {
     //! Reference implementations, written from the specifications rather than from the filter.
 
