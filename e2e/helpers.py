@@ -456,13 +456,8 @@ class Envoy:
         return rc, self.envoy_log()
 
     def stop(self, timeout=10.0):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM to this PID only
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        if self.proc:
+            stop_process(self.proc, timeout)
         self._close_log()
 
     def _close_log(self):
@@ -516,6 +511,19 @@ class Envoy:
 
     def __repr__(self):
         return f"<Envoy {self.name} :{self.port} admin :{self.admin_port} dir {self.dir}>"
+
+
+def stop_process(proc, timeout=10.0):
+    """Stops a process this test run started: SIGTERM to its PID (never by name), SIGKILL if it
+    is still there after `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
 
 
 def wait_until(pred, timeout=3.0, interval=0.02):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from helpers import ENVOY_BIN, REPO, WASM, Stats, free_port
+from helpers import ENVOY_BIN, REPO, WASM, Stats, free_port, stop_process
 
 CHROMIUM = Path(os.environ.get("REVENPROX_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -65,13 +65,7 @@ def demo():
             time.sleep(0.1)
         yield {"url": url, "admin": f"http://127.0.0.1:{ports['ADMIN_PORT']}", "dir": out_dir}
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM to this PID: run.py stops its own children by PID
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc, timeout=20)  # SIGTERM to this PID: run.py stops its own children by PID
         log.close()
 
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import helpers
-from helpers import ENVOY_BIN, REPO, WASM, Envoy, Stream, free_port, new_token, sub_of
+from helpers import ENVOY_BIN, REPO, WASM, Envoy, Stream, free_port, new_token, stop_process, sub_of
 
 try:
     import yaml
@@ -337,13 +337,7 @@ def test_compose_services_run_on_this_host(tmp_path):
             assert s.status == 401
     finally:
         for name, p, log in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=5)
+            stop_process(p)
             log.close()
 
 
@@ -698,9 +692,7 @@ def test_affinity_front_proxy_keeps_the_challenge_answer_on_the_streams_replica(
             assert r.status == 403 and r.json()["error"] == "user_mismatch", r
             assert s.read_until(lambda t: t.count("data:") >= 3, timeout=5), "the stream goes on"
     finally:
-        if front.poll() is None:
-            front.terminate()
-            front.wait(timeout=10)
+        stop_process(front)
         log.close()
         for env in replicas:
             env.stop()
