@@ -144,10 +144,7 @@ pub fn strip_params(cfg: &TokenConfig, query: &str) -> Option<String> {
     let kept: Vec<String> = query
         .split('&')
         .filter(|pair| !is_token_param(pair))
-        .map(|pair| match pair.contains(';') {
-            true => pair.split(';').filter(|piece| !is_token_param(piece)).collect::<Vec<_>>().join(";"),
-            false => pair.to_string(),
-        })
+        .map(|pair| pair.split(';').filter(|piece| !is_token_param(piece)).collect::<Vec<_>>().join(";"))
         .filter(|pair| !pair.is_empty())
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))

@@ -21,8 +21,11 @@ fn has_dot_segment(rest: &str) -> bool {
     rest.split('/').any(|raw| {
         let mut bytes = raw.as_bytes().to_vec();
         for _ in 0..DECODE_ROUNDS {
-            if names_dot_segment(&bytes) || !bytes.contains(&b'%') {
-                break;
+            if names_dot_segment(&bytes) {
+                return true;
+            }
+            if !bytes.contains(&b'%') {
+                return false;
             }
             bytes = decode_leniently(&bytes);
         }
