@@ -55,7 +55,9 @@ const TAIL_BYTES: usize = 64;
 /// A held body is Envoy's `StopIterationAndBuffer`: while the release is queued Envoy keeps reading
 /// the upstream into it, and past its buffer limit (1 MiB by default) it resets the stream
 /// (`rs_too_large`). Only a fast upstream delivers this much at once, and then no heartbeat is due,
-/// so larger bodies go straight through; the next small chunk is held again.
+/// so larger bodies go straight through; the next small chunk is held again. A read landing on a
+/// small held chunk is bounded by the upstream cluster's buffer limit, which the template sets well
+/// below the listener's (README, "Floods").
 const HOLD_MAX: usize = 64 * 1024;
 /// Time given to an `expired` event to reach the client before the stream is reset.
 const CLOSE_DELAY_MS: u64 = 100;
