@@ -216,6 +216,97 @@ def _norm_headers(headers):
     return list(headers)
 
 
+def marker():
+    """A unique query parameter (`m=<hex>`) to find (or not find) a request at the upstream and in
+    the access log."""
+    return "m=" + uuid.uuid4().hex
+
+
+def latin1_bytes(x):
+    return x if isinstance(x, bytes) else x.encode("latin-1")
+
+
+def h2_header_fields_sent(data):
+    """The (name, value) header fields of the HEADERS (+ CONTINUATION) frames in `data`, the bytes
+    a client wrote after its connection preface: what really went over the wire."""
+    import hpack
+    import hyperframe.frame
+
+    block, pos, decoder = b"", 0, hpack.Decoder()
+    while pos + 9 <= len(data):
+        frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data[pos:pos + 9]))
+        frame.parse_body(memoryview(data[pos + 9:pos + 9 + length]))
+        pos += 9 + length
+        if isinstance(frame, (hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame)):
+            block += frame.data
+    return [(k.decode("latin-1") if isinstance(k, bytes) else k, v.decode("latin-1") if isinstance(v, bytes) else v)
+            for k, v in decoder.decode(block, raw=True)]
+
+
+def h2_get(port, path, headers=(), timeout=5.0, until_first_event=False):
+    """One GET over HTTP/2 prior knowledge (h2c) on a fresh connection, written as given: `path`
+    and header values are bytes or latin-1 str, one header field per item (several ("cookie", ...)
+    items stay several crumbs), every client-side header check and normalization off. Reads until
+    the stream ends, or with `until_first_event` until the first SSE event (or a whole error body),
+    or `timeout`. A reset stream or connection fails the test. Returns (Response, the header fields
+    that went on the wire)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    cfg = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                    normalize_outbound_headers=False, validate_inbound_headers=False,
+                                    split_outbound_cookies=False)
+    conn = h2.connection.H2Connection(cfg)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        hs = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"127.0.0.1"), (b":path", latin1_bytes(path))]
+        hs += [(latin1_bytes(k).lower(), latin1_bytes(v)) for k, v in headers]
+        conn.send_headers(1, hs, end_stream=True)
+        out = conn.data_to_send()
+        sent = h2_header_fields_sent(out)
+        sock.sendall(out)
+        status, rheaders, body, ended = None, [], b"", False
+        deadline = time.monotonic() + timeout
+        while not ended:
+            if until_first_event and status is not None and b"\n\n" in body.replace(b"\r\n", b"\n"):
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            try:
+                data = sock.recv(65536)
+            except (socket.timeout, TimeoutError):
+                break
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
+                    for k, v in ev.headers:
+                        if k == b":status":
+                            status = int(v)
+                        else:
+                            rheaders.append((k.decode("latin-1"), v.decode("latin-1")))
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
+                    body += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 1:
+                    ended = True
+                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    raise AssertionError(f"HTTP/2 request {path!r} ended by {ev!r} (status {status})")
+            pending = conn.data_to_send()
+            if pending:
+                sock.sendall(pending)
+        if status is None:
+            raise AssertionError(f"no HTTP/2 response to {path!r} from :{port} (body so far {body[:200]!r})")
+        return Response(status, rheaders, body, "2", ended), sent
+    finally:
+        sock.close()
+
+
 def http1_request(port, path, headers=None, method="GET", body=None, timeout=5.0,
                   host="127.0.0.1", stream_events=1):
     """One request on a fresh HTTP/1.1 connection.

@@ -46,13 +46,10 @@ import time
 import uuid
 from http.client import HTTPResponse
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
 import helpers
-from helpers import Response, new_token, sub_of
+from helpers import Response, latin1_bytes, h2_get, new_token, sub_of
 from servers.jwtutil import topic_id
 from test_core import assert_allowed, assert_error, assert_not_forwarded, only_on, raw_path_envoy
 from test_faults import assert_vm_healthy_and_serving
@@ -65,16 +62,12 @@ PROTOCOLS = ["h1", "h2"]
 # ----------------------------------------------------------------------------------------------
 # raw clients
 # ----------------------------------------------------------------------------------------------
-def _b(x):
-    return x if isinstance(x, bytes) else x.encode("latin-1")
-
-
 def raw_h1(port, path, headers=(), timeout=5.0):
     """One GET written byte for byte on a fresh HTTP/1.1 connection; path and header values are
     bytes (or latin-1 str) sent exactly as given."""
-    req = b"GET " + _b(path) + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    req = b"GET " + latin1_bytes(path) + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     for k, v in headers:
-        req += _b(k) + b": " + _b(v) + b"\r\n"
+        req += latin1_bytes(k) + b": " + latin1_bytes(v) + b"\r\n"
     req += b"Connection: close\r\n\r\n"
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
@@ -88,60 +81,22 @@ def raw_h1(port, path, headers=(), timeout=5.0):
 
 
 def raw_h2(port, path, headers=(), timeout=5.0):
-    """One GET over HTTP/2 prior knowledge (h2c) with every client-side header check off, so the
-    `:path` and header bytes reach Envoy exactly as given."""
-    cfg = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
-                                    normalize_outbound_headers=False, validate_inbound_headers=False)
-    conn = h2.connection.H2Connection(cfg)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        hs = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"127.0.0.1"), (b":path", _b(path))]
-        hs += [(_b(k).lower(), _b(v)) for k, v in headers]
-        conn.send_headers(1, hs, end_stream=True)
-        sock.sendall(conn.data_to_send())
-        status, rheaders, body = None, [], b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            data = sock.recv(65536)
-            if not data:
-                break
-            done = False
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
-                    for k, v in ev.headers:
-                        if k == b":status":
-                            status = int(v)
-                        else:
-                            rheaders.append((k.decode("latin-1"), v.decode("latin-1")))
-                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
-                    body += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 1:
-                    done = True
-                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
-                    raise AssertionError(f"HTTP/2 request {path!r} ended by {ev!r} (status {status})")
-            sock.sendall(conn.data_to_send())
-            if done:
-                break
-        if status is None:
-            raise AssertionError(f"no HTTP/2 response to {path!r}")
-        return Response(status, rheaders, body, "2")
-    finally:
-        sock.close()
+    """One GET over HTTP/2 (h2c) with every client-side header check off, so the `:path` and header
+    bytes reach Envoy exactly as given; read to the end of the stream."""
+    return h2_get(port, path, headers, timeout)[0]
 
 
 def send(env, proto, path, headers=()):
     return (raw_h1 if proto == "h1" else raw_h2)(env.port, path, headers)
 
 
+def marker():
+    """A unique value for `m=` in the query (the tests here write `m=` themselves)."""
+    return uuid.uuid4().hex
+
+
 def hdr(tok, scheme="Bearer"):
     return [("Authorization", f"{scheme} {tok}")]
-
-
-def marker():
-    return uuid.uuid4().hex
 
 
 def access_lines_after(env, before, timeout=3.0):

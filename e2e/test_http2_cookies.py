@@ -10,18 +10,12 @@ installed into .venv by `make envoy`) over a plain socket (h2c with prior knowle
 client checks by decoding its own HEADERS frame that the crumbs really left as separate fields.
 """
 import re
-import socket
 import time
-import uuid
 
-import h2.config
-import h2.connection
-import h2.events
-import hpack
-import hyperframe.frame
 import pytest
 
-from helpers import Response, http1_request, new_token, sub_of
+from helpers import h2_get, http1_request, marker, new_token, sub_of
+from test_core import assert_allowed
 from servers.jwtutil import topic_id
 
 NEWS = topic_id("news")
@@ -29,97 +23,8 @@ COOKIE = "revenprox_token"  # the default token.cookie
 
 
 # ----------------------------------------------------------------------------------------------
-# a minimal HTTP/2 client that keeps cookie crumbs apart
-# ----------------------------------------------------------------------------------------------
-def header_fields_sent(data):
-    """The (name, value) header fields of the HEADERS (+ CONTINUATION) frames in `data`, the
-    bytes a client wrote after its connection preface: what really went over the wire."""
-    block, pos, decoder = b"", 0, hpack.Decoder()
-    while pos + 9 <= len(data):
-        frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data[pos:pos + 9]))
-        frame.parse_body(memoryview(data[pos + 9:pos + 9 + length]))
-        pos += 9 + length
-        if isinstance(frame, (hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame)):
-            block += frame.data
-    return [(k.decode() if isinstance(k, bytes) else k, v.decode() if isinstance(v, bytes) else v)
-            for k, v in decoder.decode(block, raw=True)]
-
-
-def h2_request(port, path, headers, timeout=5.0):
-    """One GET over h2c (prior knowledge) with `headers` sent as given, one field per item (so
-    several ("cookie", ...) items are several crumbs). Reads the response until its first SSE
-    event, its end, or `timeout`. Returns (Response, header fields that went on the wire)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, header_encoding=None, split_outbound_cookies=False))
-    try:
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        sid = conn.get_next_available_stream_id()
-        conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", f"127.0.0.1:{port}"),
-                                (":path", path), *headers], end_stream=True)
-        out = conn.data_to_send()
-        sent = header_fields_sent(out)
-        sock.sendall(out)
-
-        status, rheaders, body, complete = None, [], b"", False
-        deadline = time.monotonic() + timeout
-        while not complete:
-            if status is not None and b"\n\n" in body.replace(b"\r\n", b"\n"):
-                break  # the first SSE event (or a whole error body) is enough
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            sock.settimeout(left)
-            try:
-                data = sock.recv(65536)
-            except (socket.timeout, TimeoutError):
-                break
-            if not data:
-                complete = True
-                break
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
-                    rheaders = [(k.decode(), v.decode()) for k, v in ev.headers]
-                    status = int(dict(rheaders)[":status"])
-                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
-                    body += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
-                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and ev.stream_id == sid:
-                    complete = True
-                elif isinstance(ev, h2.events.ConnectionTerminated):
-                    complete = True
-            pending = conn.data_to_send()
-            if pending:
-                sock.sendall(pending)
-        if status is None:
-            raise AssertionError(f"no HTTP/2 response from Envoy on :{port} (body so far {body[:200]!r})")
-        conn.close_connection()
-        try:
-            sock.sendall(conn.data_to_send())
-        except OSError:
-            pass
-        rheaders = [(k, v) for k, v in rheaders if not k.startswith(":")]
-        return Response(status, rheaders, body, "2", complete), sent
-    finally:
-        sock.close()
-
-
-# ----------------------------------------------------------------------------------------------
 # assertions
 # ----------------------------------------------------------------------------------------------
-def marker():
-    return "m=" + uuid.uuid4().hex
-
-
-def assert_allowed(r, user):
-    assert r.status == 200, f"expected 200, got {r.status} {r.body[:300]!r}"
-    assert (r.header("content-type") or "").startswith("text/event-stream"), r.headers
-    echo = r.first_event_json()
-    assert echo["headers"].get("x-revenprox-user") == user, echo
-    return echo
-
-
 def assert_crumbs_sent(sent, crumbs):
     """The client really sent one `cookie` field per crumb, in order (not one joined field)."""
     assert [v for k, v in sent if k == "cookie"] == crumbs, sent
@@ -152,7 +57,7 @@ def test_h2_token_cookie_in_a_later_crumb(env, webhook, upstream, before, after)
     tok = new_token("crumb")
     m = marker()
     crumbs = [*before, f"{COOKIE}={tok}", *after]
-    r, sent = h2_request(env.port, f"/events/news?{m}", [("cookie", c) for c in crumbs])
+    r, sent = h2_get(env.port, f"/events/news?{m}", [("cookie", c) for c in crumbs], until_first_event=True)
     assert_crumbs_sent(sent, crumbs)
     assert r.http_version == "2"
     assert_allowed(r, sub_of(tok))
@@ -169,7 +74,7 @@ def test_h2_same_prefix_cookie_in_first_crumb_is_not_the_token(env, webhook, ups
     tok = new_token("crumbprefix")
     m = marker()
     crumbs = [f"{COOKIE}x=1", f"{COOKIE}={tok}"]
-    r, sent = h2_request(env.port, f"/events/news?{m}", [("cookie", c) for c in crumbs])
+    r, sent = h2_get(env.port, f"/events/news?{m}", [("cookie", c) for c in crumbs], until_first_event=True)
     assert_crumbs_sent(sent, crumbs)
     assert_allowed(r, sub_of(tok))
     assert [c.jwt for c in webhook.calls if c.jwt in ("1", tok)] == [tok]
@@ -182,7 +87,7 @@ def test_h2_only_look_alike_cookies_in_crumbs_is_missing_token(env, webhook, ups
     tok = new_token("crumblookalike")
     m = marker()
     crumbs = [f"{COOKIE}x=1", f"x{COOKIE}={tok}", f"{COOKIE}_old={tok}"]
-    r, sent = h2_request(env.port, f"/events/news?{m}", [("cookie", c) for c in crumbs])
+    r, sent = h2_get(env.port, f"/events/news?{m}", [("cookie", c) for c in crumbs], until_first_event=True)
     assert_crumbs_sent(sent, crumbs)
     assert r.status == 401, r
     assert r.json()["error"] == "missing_token", r.body
