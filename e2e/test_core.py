@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from helpers import closed_port, new_ticket, new_token, sub_of
+from helpers import closed_port, marker, new_ticket, new_token, sub_of
 from servers.jwtutil import b64url, make_jwt, topic_id
 from servers.webhook import Behaviour, invalid, valid
 
@@ -26,14 +26,9 @@ def bearer(tok, scheme="Bearer"):
     return {"Authorization": f"{scheme} {tok}"}
 
 
-def marker():
-    """A unique query parameter to find (or not find) a request at the upstream."""
-    return "m=" + uuid.uuid4().hex
-
-
 def assert_allowed(r, user):
     assert r.status == 200, f"expected 200, got {r.status} {r.body[:300]!r}"
-    assert (r.header("content-type") or "").startswith("text/event-stream")
+    assert (r.header("content-type") or "").startswith("text/event-stream"), r.headers
     echo = r.first_event_json()
     assert echo["headers"].get("x-revenprox-user") == user, echo
     return echo

@@ -18,11 +18,10 @@ import re
 import shutil
 import subprocess
 import time
-import uuid
 
 import pytest
 
-from helpers import REPO, Envoy, new_token, plugin_config, sub_of
+from helpers import REPO, Envoy, marker, new_token, plugin_config, sub_of
 from servers.webhook import invalid
 
 FAULT_TARGET_DIR = REPO / "target/fault-injection"
@@ -71,10 +70,6 @@ def fenv(fault_wasm, webhook, upstream, request):
 # ----------------------------------------------------------------------------------------------
 def bearer(tok):
     return {"Authorization": f"Bearer {tok}"}
-
-
-def marker():
-    return "m=" + uuid.uuid4().hex
 
 
 def plain_stats(env):
