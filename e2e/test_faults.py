@@ -181,7 +181,7 @@ def test_upstream_flood_is_not_reset_and_heartbeats_follow_it(fenv):
     raw = bytearray()
     sock = socket.create_connection(("127.0.0.1", fenv.port), timeout=20)
     try:
-        lines = [f"GET /events/news HTTP/1.1", "host: x"] + [f"{k}: {v}" for k, v in headers.items()]
+        lines = ["GET /events/news HTTP/1.1", "host: x"] + [f"{k}: {v}" for k, v in headers.items()]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         deadline = time.monotonic() + 20
         end = -1  # where "data: after-flood" starts in the raw bytes, once it arrived
