@@ -1,6 +1,6 @@
 """RevenProx request path, end to end: client -> real Envoy + revenprox.wasm -> webhook / upstream.
 
-Every test follows /work/shared/spec/contract.md. Tokens are unique per test (the verdict
+Every test follows docs/contract.md. Tokens are unique per test (the verdict
 cache is shared by all workers of one Envoy and lives as long as the module's Envoy).
 """
 import concurrent.futures

@@ -43,7 +43,7 @@ COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_ENVOY = REPO / "deploy" / "compose" / "envoy.yaml"
 ISTIO_DIR = REPO / "deploy" / "istio"
 GLOO_DIR = REPO / "deploy" / "gloo"
-CONTRACT = REPO.parent / "shared" / "spec" / "contract.md"
+CONTRACT = REPO / "docs" / "contract.md"
 NODE_DIR = Path(os.environ.get("REVENPROX_DEPLOY_NODE_DIR", REPO / ".build" / "deploy-validate"))
 SKOPEO = shutil.which("skopeo")
 
@@ -68,7 +68,7 @@ def flat_keys(obj, prefix=""):
 
 
 def contract_config():
-    assert CONTRACT.is_file(), f"the contract is missing: {CONTRACT} (shared/ beside the repo)"
+    assert CONTRACT.is_file(), f"the contract is missing: {CONTRACT}"
     m = re.search(r"```json\n(.*?)\n```", CONTRACT.read_text(), re.S)
     assert m, "no JSON block in the contract"
     return json.loads(m.group(1))

@@ -611,6 +611,28 @@ mod tests {
     }
 
     #[test]
+    fn the_contract_documents_every_key_with_its_default() {
+        // docs/contract.md's JSON block is the full configuration with every default.
+        let doc = include_str!("../docs/contract.md");
+        let start = doc.find("```json\n").unwrap() + 8;
+        let end = start + doc[start..].find("\n```").unwrap();
+        let example: Value = serde_json::from_str(&doc[start..end]).unwrap();
+        let mut keys = Vec::new();
+        for (section, v) in example.as_object().unwrap() {
+            match v.as_object() {
+                Some(m) => keys.extend(m.keys().map(|k| format!("{section}.{k}"))),
+                None => keys.push(section.clone()),
+            }
+        }
+        let mut known: Vec<String> = KNOWN_KEYS.iter().map(|k| k.to_string()).collect();
+        keys.sort();
+        known.sort();
+        assert_eq!(keys, known, "docs/contract.md's configuration differs from KNOWN_KEYS");
+        // ...and with the example's values (defaults, plus the webhook) it is the default config.
+        assert_eq!(parse(doc[start..end].as_bytes()).unwrap(), parse_str(MIN).unwrap());
+    }
+
+    #[test]
     fn known_keys_match_the_parser() {
         // Every documented key is accepted...
         for key in KNOWN_KEYS {

@@ -2,7 +2,7 @@
 //! mode) request gets a session that injects heartbeats, the challenge and the final `expired`
 //! event, and takes the new expiry of a re-authorization.
 //!
-//! How bytes get into a live response (see `shared/notes/envoy-wasm-host-facts.md`): Envoy only
+//! How bytes get into a live response (see `docs/envoy-host.md`): Envoy only
 //! lets the filter write into a response body while it holds that body. So every upstream chunk is
 //! held (the body callback returns `Pause`) and released at once through the worker's own shared
 //! queue (`on_queue_ready` runs on the same thread microseconds later). Between chunks the stream
