@@ -152,7 +152,7 @@ def raw_env(envoys):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. dot segments (src/auth/topic.rs: dot_segments_name_no_topic), sent with a VALID token.
+# 1. dot segments (core/src/auth/topic.rs: dot_segments_name_no_topic), sent with a VALID token.
 #    test_core.py: test_dot_segments_are_not_authorized_as_the_first_topic has `../`, `%2e%2e/`
 #    and `..%2f`; these are the other forms.
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def test_cookie_with_utf8_neighbours_still_carries_the_token(env, webhook, proto
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. `;` inside the query (src/auth/token.rs: strip_params). Parameters are `&`-separated: a token
+# 4. `;` inside the query (core/src/auth/token.rs: strip_params). Parameters are `&`-separated: a token
 #    behind a `;` is not read, but is still removed from the path upstream and the access log see.
 # ----------------------------------------------------------------------------------------------
 SEMICOLON_QUERIES = [

@@ -1,14 +1,9 @@
 //! RevenProx for Envoy: a proxy-wasm HTTP filter that guards Server-Sent-Events topics with JWTs
 //! verified by an auth webhook.
 //!
-//! Two layers: the core (`config`, `auth`) is plain Rust, takes time as an argument and is
-//! unit-tested natively; `host` is the only code that talks to proxy-wasm, and is compiled only for
-//! wasm32.
-
-pub mod auth;
-pub mod config;
-pub mod resilience;
-pub mod sse;
+//! This crate is the host shell: `host` turns proxy-wasm callbacks into events for the core's
+//! engine (`revenprox_core`, plain Rust, tested natively) and performs the effects it returns. It
+//! compiles to something only for wasm32.
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -2,10 +2,10 @@
 //! wasm-defined stats at `/stats/prometheus` under exactly those names (it strips its
 //! `wasmcustom.` namespace). The README's metrics table lists each with its meaning.
 
-use crate::auth::reply::Code;
-use crate::auth::verdict::Failure;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+use revenprox_core::auth::reply::Code;
+use revenprox_core::auth::verdict::Failure;
 
 type Id = Option<u32>;
 

@@ -8,10 +8,10 @@ use super::sessions;
 use super::shared;
 use super::stream::Stream;
 use super::worker::{self, Worker, WorkerRef};
-use crate::config;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
+use revenprox_core::config;
 use std::cell::RefCell;
 use std::rc::Rc;
 

@@ -15,12 +15,12 @@ use super::abi;
 use super::metrics::Metrics;
 use super::shared;
 use super::worker::WorkerRef;
-use crate::config::Config;
-use crate::sse::framing::{self, Framing};
-use crate::sse::registry;
-use crate::sse::session::{Injection, Session};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, BufferType, MapType};
+use revenprox_core::config::Config;
+use revenprox_core::sse::framing::{self, Framing};
+use revenprox_core::sse::registry;
+use revenprox_core::sse::session::{Injection, Session};
 use std::collections::{HashMap, HashSet};
 
 /// Who a verified request belongs to, kept from the verdict until its response headers arrive.

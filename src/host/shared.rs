@@ -7,12 +7,12 @@
 //! breaker and bucket keys are created at configuration time, before traffic, where two VMs
 //! creating them at once write the same initial value.
 
-use crate::auth::cache::{self, Entry, Key};
-use crate::resilience::breaker::{self, Admit, Settings};
-use crate::resilience::limiter::{Bucket, Take};
-use crate::sse::registry;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
+use revenprox_core::auth::cache::{self, Entry, Key};
+use revenprox_core::resilience::breaker::{self, Admit, Settings};
+use revenprox_core::resilience::limiter::{Bucket, Take};
+use revenprox_core::sse::registry;
 
 const BREAKER: &str = "revenprox.breaker";
 const LIMITER: &str = "revenprox.limiter";

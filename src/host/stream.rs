@@ -6,10 +6,10 @@ use super::metrics::Metrics;
 use super::now_ms;
 use super::sessions;
 use super::worker::{self, Begun, WorkerRef};
-use crate::auth::gate::{self, Step};
-use crate::auth::reply::{Code, Reply};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
+use revenprox_core::auth::gate::{self, Step};
+use revenprox_core::auth::reply::{Code, Reply};
 use std::rc::Rc;
 
 pub struct Stream {

@@ -1,5 +1,5 @@
-//! Native cost of the filter's pure hot path: the filter's own core modules (`src/config.rs`,
-//! `src/auth`, `src/resilience`, `src/sse`) compiled here unchanged, run in a loop.
+//! Native cost of the filter's pure hot path: the filter's own core crate (`core/`, the shipped
+//! code, as a dependency) run in a loop.
 //!
 //!   hotpath                       every case, ns/op (wall clock, median of 5 batches), as JSON
 //!   hotpath --only CASE --iters N run one case N times (for `valgrind --tool=callgrind`: the
@@ -13,17 +13,7 @@
 #[path = "../common.rs"]
 mod common;
 
-#[path = "../../../src/config.rs"]
-mod config;
-
-#[path = "../../../src/auth/mod.rs"]
-mod auth;
-
-#[path = "../../../src/resilience/mod.rs"]
-mod resilience;
-
-#[path = "../../../src/sse/mod.rs"]
-mod sse;
+use revenprox_core::{auth, config, resilience, sse};
 
 use auth::gate::{self, Request, Step};
 use auth::{cache, precheck, token, topic, verdict};

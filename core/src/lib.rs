@@ -1,0 +1,9 @@
+//! RevenProx's core: everything the filter decides, as plain Rust with no proxy-wasm dependency.
+//! Time is an argument, Envoy-wide state is reached through the narrow `shared::SharedStore`
+//! trait, and `cargo test` runs all of it natively. The cdylib shell (`../src`) only turns host
+//! callbacks into engine events and performs the effects the engine returns.
+
+pub mod auth;
+pub mod config;
+pub mod resilience;
+pub mod sse;
