@@ -4,6 +4,7 @@
 //! message starts with the dotted path of the offending key (`jwt_verifier.timeout_ms: ...`), so
 //! the one log line Envoy shows names what to fix. Every key is optional; defaults are the seed's.
 
+use crate::logline::Level;
 use serde_json::{Map, Value};
 
 /// Every key the configuration accepts, as dotted paths. The README's config reference is checked
@@ -96,6 +97,69 @@ impl Config {
     /// Development mode: no webhook at all, every request passes (with a warning at start).
     pub fn development_mode(&self) -> bool {
         self.verifier.webhook.is_none()
+    }
+
+    /// The lines the filter logs when this configuration takes effect: one info line with the
+    /// effective settings (no secrets: the webhook URL without its query), and a warning for each
+    /// mode that lets requests through unauthenticated.
+    pub fn startup_lines(&self) -> Vec<(Level, String)> {
+        let v = &self.verifier;
+        let s = &self.sse;
+        let webhook = match &v.webhook {
+            Some(w) => {
+                let path = w.path.split('?').next().unwrap_or_default();
+                format!(
+                    "webhook {}{} via cluster {} (timeout {} ms, {} retries)",
+                    w.authority, path, w.cluster, v.timeout_ms, v.retry_attempts
+                )
+            }
+            None => "no webhook".to_string(),
+        };
+        let cache = if v.cache_enabled() {
+            format!("cache {} s, {} entries", v.cache_ttl_sec, v.cache_max_size)
+        } else {
+            "cache off".to_string()
+        };
+        let mode = if self.development_mode() {
+            "DEVELOPMENT (no authentication)"
+        } else if v.require_authentication {
+            "authentication required"
+        } else {
+            "authentication optional"
+        };
+        let mut lines = vec![(
+            Level::Info,
+            format!(
+                "revenprox: configured: {webhook}; {cache}; breaker {} failures / {} s; rate limit {}/s; \
+                 precheck {}; topics under {}; heartbeat {} s, challenge {} s before expiry, max {} s; \
+                 identity header {}; mode: {mode}",
+                v.circuit_breaker_threshold,
+                v.circuit_breaker_timeout_sec,
+                v.rate_limit_per_sec,
+                if v.precheck { "on" } else { "off" },
+                self.topic.path_prefix,
+                s.heartbeat_interval_sec,
+                s.challenge_before_expiry_sec,
+                s.max_connection_sec,
+                self.user_header,
+            ),
+        )];
+        if self.development_mode() {
+            lines.push((
+                Level::Warn,
+                "revenprox: DEVELOPMENT MODE: jwt_verifier.require_authentication is false and no \
+                 webhook_url is set; every request passes unauthenticated. Never run this in production."
+                    .to_string(),
+            ));
+        } else if !v.require_authentication {
+            lines.push((
+                Level::Warn,
+                "revenprox: jwt_verifier.require_authentication is false: requests without a token \
+                 pass unauthenticated; requests with one are verified"
+                    .to_string(),
+            ));
+        }
+        lines
     }
 }
 

@@ -5,5 +5,8 @@
 
 pub mod auth;
 pub mod config;
+pub mod engine;
+pub mod logline;
 pub mod resilience;
+pub mod shared;
 pub mod sse;

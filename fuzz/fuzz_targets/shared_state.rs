@@ -16,6 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use revenprox::auth::cache;
 use revenprox::resilience::breaker::{self, Admit, Settings};
 use revenprox::resilience::limiter::Bucket;
+use revenprox::shared::slots;
 use revenprox::sse::registry;
 
 #[derive(Arbitrary, Debug)]
@@ -49,9 +50,9 @@ fuzz_target!(|x: Input| {
     let [s0, s1] = cache::slots(&key, x.slots);
     assert!(s0 < x.slots.max(1) && s1 < x.slots.max(1));
     let pair = [ea.clone(), eb.clone()];
-    let victim = cache::victim(&key, now, &pair);
+    let victim = slots::place(&key, now, &pair);
     assert!(victim < 2);
-    if let Some(found) = cache::find(&key, now, &pair) {
+    if let Some((_, found)) = slots::find(&key, now, &pair) {
         assert!(found.key == key && found.live(now));
     }
     if let Some(until) = cache::cache_until_ms(now, x.ttl, x.expires_at) {
@@ -69,8 +70,8 @@ fuzz_target!(|x: Input| {
     let [r0, r1] = registry::slots(&rkey);
     assert!(r0 < registry::SLOTS && r1 < registry::SLOTS);
     let rpair = [ra, rb];
-    assert!(registry::place(&rkey, now, &rpair) < 2);
-    if let Some((i, e)) = registry::find(&rkey, now, &rpair) {
+    assert!(slots::place(&rkey, now, &rpair) < 2);
+    if let Some((i, e)) = slots::find(&rkey, now, &rpair) {
         assert!(i < 2 && e.key == rkey && e.live(now));
     }
     let t = registry::touched(ra, &rkey, now);

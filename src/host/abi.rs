@@ -57,6 +57,29 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> Status;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> Status;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> Status;
+    fn proxy_enqueue_shared_queue(queue_id: u32, value_data: *const u8, value_size: usize) -> Status;
+    fn proxy_dequeue_shared_queue(
+        queue_id: u32,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> Status;
 }
 
 fn check(status: Status) -> Result<(), Status> {
@@ -134,7 +157,9 @@ fn parse_header_map(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// The first value of `name` among `headers`.
+/// The first value of `name` among `headers` (the engine reads headers itself; this is for the
+/// test-only fault injection).
+#[cfg(feature = "fault-injection")]
 pub fn find<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
 }
@@ -213,6 +238,62 @@ pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Resu
     check(unsafe {
         proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1)
     })
+}
+
+/// A shared-data value and its CAS token (`(None, None)` when absent).
+pub fn get_shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), Status> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: the host writes an allocated buffer to data/size on Ok.
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) } {
+        Status::Ok => {
+            let value = (!data.is_null()).then(|| unsafe { owned(data, size) });
+            Ok((value, (cas != 0).then_some(cas)))
+        }
+        Status::NotFound => Ok((None, None)),
+        other => Err(other),
+    }
+}
+
+/// Writes a shared-data value; with `cas`, only if the key is unchanged since it was read.
+pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), Status> {
+    // SAFETY: pointers valid for their lengths for the duration of the call.
+    check(unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0))
+    })
+}
+
+pub fn enqueue(queue: u32, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointer valid for its length for the duration of the call.
+    check(unsafe { proxy_enqueue_shared_queue(queue, value.as_ptr(), value.len()) })
+}
+
+/// The next message of a queue (`Ok(None)` when it is empty).
+pub fn dequeue(queue: u32) -> Result<Option<Vec<u8>>, Status> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes an allocated buffer to data/size on Ok.
+    match unsafe { proxy_dequeue_shared_queue(queue, &mut data, &mut size) } {
+        Status::Ok => Ok(Some(unsafe { owned(data, size) })),
+        Status::Empty => Ok(None),
+        other => Err(other),
+    }
+}
+
+pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
+    // SAFETY: plain call without pointers.
+    check(unsafe { proxy_increment_metric(id, offset) })
+}
+
+pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+    // SAFETY: plain call without pointers.
+    check(unsafe { proxy_record_metric(id, value) })
+}
+
+pub fn set_tick_period_ms(ms: u64) -> Result<(), Status> {
+    // SAFETY: plain call without pointers.
+    check(unsafe { proxy_set_tick_period_milliseconds(u32::try_from(ms).unwrap_or(u32::MAX)) })
 }
 
 /// Up to `max` bytes of a buffer (empty when the host has none).

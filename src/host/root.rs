@@ -1,17 +1,17 @@
-//! Root context (one per worker VM, plus one on Envoy's main thread): parses and validates the
-//! configuration, defines the metrics, creates the Envoy-wide shared state, and runs the worker's
-//! timer (webhook retries).
+//! Root context (one per worker VM, plus one on Envoy's main thread): parses the configuration,
+//! defines the metrics, registers the worker's release queue, builds the worker's engine, and turns
+//! the timer, the queue and the webhook answers made from the timer into engine events.
 
-use super::metrics::Metrics;
-use super::now_ms;
-use super::sessions;
-use super::shared;
+use super::metrics::MetricIds;
+use super::shared::HostStore;
 use super::stream::Stream;
-use super::worker::{self, Worker, WorkerRef};
+use super::{abi, apply, now_ms, Worker, WorkerRef};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
+use revenprox_core::auth::verdict::MAX_BODY;
 use revenprox_core::config;
+use revenprox_core::engine::{Engine, Flow, Level};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -32,6 +32,30 @@ fn register_release_queue() -> Option<u32> {
     }
 }
 
+fn log_line(level: Level, line: &str) {
+    match level {
+        Level::Debug => log::debug!("{line}"),
+        Level::Info => log::info!("{line}"),
+        Level::Warn => log::warn!("{line}"),
+        Level::Error => log::error!("{line}"),
+    }
+}
+
+/// A webhook answer, read from the host: `:status` (none when there were no headers) and the body
+/// (at most one byte past what a verdict may be, so an oversized one is recognised).
+pub fn read_call_answer(num_headers: usize, body_size: usize) -> (Option<u32>, Vec<u8>) {
+    let status = if num_headers == 0 {
+        None
+    } else {
+        abi::header(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
+    };
+    let body = abi::buffer(BufferType::HttpCallResponseBody, body_size.min(MAX_BODY + 1)).unwrap_or_default();
+    (status, body)
+}
+
 pub struct Root {
     id: u32,
     worker: Option<WorkerRef>,
@@ -46,7 +70,10 @@ impl Root {
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if let Some(w) = &self.worker {
-            worker::answered(w, token, num_headers, body_size, now_ms());
+            let (status, body) = read_call_answer(num_headers, body_size);
+            let now = now_ms();
+            w.engine.borrow_mut().call_answered(token, status, &body, now);
+            apply::run(w, self.id, Flow::Continue, now);
         }
     }
 }
@@ -64,31 +91,37 @@ impl RootContext for Root {
                 return false;
             }
         };
-        if cfg.development_mode() {
-            log::warn!(
-                "revenprox: DEVELOPMENT MODE: jwt_verifier.require_authentication is false and no \
-                 webhook_url is set; every request passes unauthenticated. Never run this in production."
-            );
-        } else if !cfg.verifier.require_authentication {
-            log::warn!(
-                "revenprox: jwt_verifier.require_authentication is false: requests without a token \
-                 pass unauthenticated; requests with one are verified"
-            );
+        for (level, line) in cfg.startup_lines() {
+            log_line(level, &line);
         }
-        shared::init(cfg.verifier.rate_limit_per_sec, now_ms());
-        let mut worker = Worker::new(Rc::new(cfg), Metrics::define(), self.id);
-        worker.sessions.queue = register_release_queue();
-        self.worker = Some(Rc::new(RefCell::new(worker)));
+        let debug = matches!(hostcalls::get_log_level(), Ok(LogLevel::Trace | LogLevel::Debug));
+        let queue = register_release_queue();
+        let now = now_ms();
+        let engine = Engine::new(cfg, HostStore, self.id, queue.is_some(), debug, now);
+        let worker = Rc::new(Worker { engine: RefCell::new(engine), metrics: MetricIds::define(), queue });
+        apply::run(&worker, self.id, Flow::Continue, now);
+        self.worker = Some(worker);
         true
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        sessions::drain(queue_id);
+        let Some(w) = &self.worker else {
+            return;
+        };
+        let now = now_ms();
+        while let Ok(Some(message)) = abi::dequeue(queue_id) {
+            if let Ok(bytes) = <[u8; 4]>::try_from(message.as_slice()) {
+                w.engine.borrow_mut().release(u32::from_le_bytes(bytes), now);
+            }
+        }
+        apply::run(w, self.id, Flow::Continue, now);
     }
 
     fn on_tick(&mut self) {
         if let Some(w) = &self.worker {
-            worker::tick(w, now_ms());
+            let now = now_ms();
+            w.engine.borrow_mut().tick(now);
+            apply::run(w, self.id, Flow::Continue, now);
         }
     }
 

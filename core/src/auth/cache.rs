@@ -88,23 +88,16 @@ impl Entry {
 /// Bytes that mark a slot as empty (shared data cannot delete a key).
 pub const EMPTY: &[u8] = b"";
 
-/// Looks `key` up in the decoded contents of its two slots.
-pub fn find<'a>(key: &Key, now_ms: u64, candidates: &'a [Option<Entry>]) -> Option<&'a Entry> {
-    candidates.iter().flatten().find(|e| &e.key == key && e.live(now_ms))
-}
-
-/// Which of the two candidate slots (index 0 or 1) a new entry for `key` should take.
-pub fn victim(key: &Key, now_ms: u64, candidates: &[Option<Entry>; 2]) -> usize {
-    let rank = |slot: &Option<Entry>| match slot {
-        Some(e) if &e.key == key => (0, 0),
-        None => (1, 0),
-        Some(e) if !e.live(now_ms) => (1, 0),
-        Some(e) => (2, e.until_ms),
-    };
-    if rank(&candidates[1]) < rank(&candidates[0]) {
-        1
-    } else {
-        0
+impl crate::shared::slots::Slotted for Entry {
+    fn key(&self) -> &[u8; 32] {
+        &self.key
+    }
+    fn live(&self, now_ms: u64) -> bool {
+        Entry::live(self, now_ms)
+    }
+    /// The entry that expires first goes first.
+    fn evict_order(&self) -> u64 {
+        self.until_ms
     }
 }
 
@@ -148,23 +141,5 @@ mod tests {
         assert_eq!(Entry::decode(&e.encode()), Some(e));
         assert_eq!(Entry::decode(EMPTY), None);
         assert_eq!(Entry::decode(&[1, 2, 3]), None);
-    }
-
-    #[test]
-    fn find_only_live_same_key() {
-        let c = [Some(entry(1, 100)), Some(entry(2, 50))];
-        assert_eq!(find(&[1; 32], 10, &c), c[0].as_ref());
-        assert_eq!(find(&[2; 32], 60, &c), None);
-        assert_eq!(find(&[3; 32], 10, &c), None);
-    }
-
-    #[test]
-    fn victim_order() {
-        let k = [9; 32];
-        assert_eq!(victim(&k, 10, &[Some(entry(1, 100)), Some(entry(9, 100))]), 1);
-        assert_eq!(victim(&k, 10, &[Some(entry(1, 100)), None]), 1);
-        assert_eq!(victim(&k, 10, &[Some(entry(1, 5)), Some(entry(2, 100))]), 0);
-        assert_eq!(victim(&k, 10, &[Some(entry(1, 300)), Some(entry(2, 100))]), 1);
-        assert_eq!(victim(&k, 10, &[None, None]), 0);
     }
 }

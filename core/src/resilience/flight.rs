@@ -195,6 +195,11 @@ impl<V> Flights<V> {
         self.by_key.len()
     }
 
+    /// The keys of the flights in progress.
+    pub fn keys(&self) -> Vec<FlightKey> {
+        self.by_key.keys().copied().collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }

@@ -67,25 +67,17 @@ impl Entry {
     }
 }
 
-/// The live entry for `key` among a slot pair's contents.
-pub fn find(key: &Key, now_ms: u64, candidates: &[Option<Entry>; 2]) -> Option<(usize, Entry)> {
-    candidates
-        .iter()
-        .enumerate()
-        .find_map(|(i, e)| e.filter(|e| &e.key == key && e.live(now_ms)).map(|e| (i, e)))
-}
-
-/// Which slot of the pair `key`'s entry belongs in: its own, else an empty or stale one, else the
-/// one refreshed longest ago.
-pub fn place(key: &Key, now_ms: u64, candidates: &[Option<Entry>; 2]) -> usize {
-    let rank = |slot: &Option<Entry>| match slot {
-        Some(e) if &e.key == key => (0, 0),
-        None => (1, 0),
-        Some(e) if !e.live(now_ms) => (1, 0),
-        Some(e) => (2, e.seen_ms),
-    };
-    let [a, b] = candidates;
-    usize::from(rank(b) < rank(a))
+impl crate::shared::slots::Slotted for Entry {
+    fn key(&self) -> &[u8; 32] {
+        &self.key
+    }
+    fn live(&self, now_ms: u64) -> bool {
+        Entry::live(self, now_ms)
+    }
+    /// The entry refreshed longest ago goes first.
+    fn evict_order(&self) -> u64 {
+        self.seen_ms
+    }
 }
 
 /// The entry after a refresh of `key` at `now_ms` (keeping a re-authorized expiry of the same key).
@@ -117,26 +109,6 @@ mod tests {
         let x = e(3, 10, 20);
         assert_eq!(Entry::decode(&x.encode()), Some(x));
         assert_eq!(Entry::decode(b"x"), None);
-    }
-
-    #[test]
-    fn find_live_only() {
-        let c = [Some(e(1, 0, 5)), Some(e(2, 100_000, 0))];
-        assert_eq!(find(&[1; 32], 1_000, &c), Some((0, e(1, 0, 5))));
-        assert_eq!(find(&[1; 32], STALE_MS, &c), None);
-        assert_eq!(find(&[2; 32], 100_001, &c).map(|(i, _)| i), Some(1));
-    }
-
-    #[test]
-    fn placement() {
-        let k = [7; 32];
-        assert_eq!(place(&k, 0, &[Some(e(1, 0, 0)), Some(e(7, 0, 0))]), 1);
-        assert_eq!(place(&k, 0, &[None, Some(e(1, 0, 0))]), 0);
-        // Both stale: the first free slot.
-        assert_eq!(place(&k, STALE_MS + 10, &[Some(e(2, 5, 0)), Some(e(1, 0, 0))]), 0);
-        // One stale: that one.
-        assert_eq!(place(&k, STALE_MS + 1, &[Some(e(2, 5, 0)), Some(e(1, 0, 0))]), 1);
-        assert_eq!(place(&k, 10, &[Some(e(2, 9, 0)), Some(e(1, 3, 0))]), 1);
     }
 
     #[test]

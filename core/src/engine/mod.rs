@@ -1,0 +1,372 @@
+//! The engine of one worker, sans-IO: host events and the time go in, effects come out.
+//!
+//! Like quinn-proto's `Connection` or rustls's `ConnectionCommon`, the engine never performs I/O.
+//! The host shell (`src/host`) turns each proxy-wasm callback into one call here, then drains
+//! `take_effects()` and performs each effect with the engine no longer borrowed, feeding the
+//! outcome of those that matter back as a `Receipt`. Envoy-wide state is read and written through
+//! the `SharedStore` the engine owns (host shared data in Envoy, `MemStore` in tests).
+//!
+//! Policy lives here and below (timeouts, retries, give-up rules, what to inject when); the host
+//! decides nothing.
+
+pub mod effect;
+pub mod metrics;
+pub mod streams;
+pub mod verifier;
+
+pub use effect::{Ctx, Effect, Flow, Level, Receipt, WebhookCall};
+pub use streams::ChunkReader;
+
+use crate::auth::gate::{self, Step};
+use crate::auth::reply::{Code, Reply};
+use crate::config::Config;
+use crate::shared::{self, SharedStore};
+use crate::sse::registry;
+use metrics::{Metric, Tally, Update};
+use streams::{Identity, Streams};
+use verifier::{Allowed, Started, Verifier};
+
+/// Timer granularity: calls and injections are never early, and at most this late.
+pub const MIN_TICK_MS: u64 = 20;
+/// Longest timer period while anything is scheduled.
+pub const MAX_TICK_MS: u64 = 1000;
+
+/// What one event may touch: the configuration, the shared store, the effect and metric outputs,
+/// and the time. Built per event from the engine's fields.
+pub(crate) struct Io<'a, S: ?Sized> {
+    pub cfg: &'a Config,
+    pub store: &'a mut S,
+    pub out: &'a mut Vec<Effect>,
+    pub tally: &'a mut Tally,
+    pub now_ms: u64,
+    pub debug: bool,
+}
+
+impl<S: ?Sized> Io<'_, S> {
+    /// A local refusal for stream `ctx`, counted by its code.
+    pub fn reply(&mut self, ctx: Ctx, reply: Reply) {
+        self.tally.inc(Metric::denied(reply.code));
+        if self.debug {
+            self.log(
+                Level::Debug,
+                format!("revenprox: refused with {} ({})", reply.code.as_str(), reply.message),
+            );
+        }
+        self.out.push(Effect::Reply { ctx, reply });
+    }
+
+    pub fn log(&mut self, level: Level, message: String) {
+        self.out.push(Effect::Log { level, message });
+    }
+}
+
+pub struct Engine<S> {
+    cfg: Config,
+    store: S,
+    /// This worker's root context (timer and queue callbacks run there).
+    root: Ctx,
+    verifier: Verifier,
+    streams: Streams,
+    out: Vec<Effect>,
+    tally: Tally,
+    /// The timer period last asked for.
+    tick_ms: u64,
+    debug: bool,
+}
+
+impl<S: SharedStore> Engine<S> {
+    /// A worker's engine. `queue`: the host could give the worker a release queue (without one,
+    /// chunks cannot be held and injections ride on upstream chunks only). `debug`: emit the
+    /// debug-level activity lines (one per refusal, injection, re-authorization).
+    pub fn new(cfg: Config, mut store: S, root: Ctx, queue: bool, debug: bool, now_ms: u64) -> Engine<S> {
+        shared::init(&mut store, cfg.verifier.rate_limit_per_sec, now_ms);
+        Engine {
+            verifier: Verifier::new(&cfg),
+            streams: Streams::new(queue),
+            cfg,
+            store,
+            root,
+            out: Vec::new(),
+            tally: Tally::default(),
+            tick_ms: 0,
+            debug,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    pub fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
+    /// The effects to perform, in order; the engine keeps none.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Metric changes since the last call.
+    pub fn take_metrics(&mut self) -> Vec<Update> {
+        self.tally.drain()
+    }
+
+    fn io(&mut self, now_ms: u64) -> (Io<'_, S>, &mut Verifier, &mut Streams) {
+        (
+            Io {
+                cfg: &self.cfg,
+                store: &mut self.store,
+                out: &mut self.out,
+                tally: &mut self.tally,
+                now_ms,
+                debug: self.debug,
+            },
+            &mut self.verifier,
+            &mut self.streams,
+        )
+    }
+
+    /// Request headers of stream `ctx` (every header, names lowercase, values as bytes).
+    pub fn request_headers(&mut self, ctx: Ctx, headers: &[(String, Vec<u8>)], now_ms: u64) -> Flow {
+        let (mut io, verifier, streams) = self.io(now_ms);
+        let flow = request(&mut io, verifier, streams, ctx, headers);
+        self.reschedule(now_ms);
+        flow
+    }
+
+    /// A webhook answer arrived (`status` from `:status`, `None` when the host gave no headers).
+    pub fn call_answered(&mut self, token: u32, status: Option<u32>, body: &[u8], now_ms: u64) {
+        let (mut io, verifier, streams) = self.io(now_ms);
+        let allowed = verifier.answered(&mut io, token, status, body);
+        deliver_all(&mut io, streams, allowed);
+        self.reschedule(now_ms);
+    }
+
+    /// Response headers of stream `ctx`.
+    pub fn response_headers(&mut self, ctx: Ctx, headers: &[(String, Vec<u8>)], now_ms: u64) {
+        let (mut io, _, streams) = self.io(now_ms);
+        streams.response_headers(&mut io, ctx, headers);
+        self.reschedule(now_ms);
+    }
+
+    /// A chunk of `size` bytes of stream `ctx`'s response body.
+    pub fn response_body(
+        &mut self,
+        ctx: Ctx,
+        size: usize,
+        end_of_stream: bool,
+        reader: &mut dyn ChunkReader,
+        now_ms: u64,
+    ) -> Flow {
+        let (mut io, _, streams) = self.io(now_ms);
+        let flow = streams.body(&mut io, ctx, size, end_of_stream, reader);
+        self.reschedule(now_ms);
+        flow
+    }
+
+    /// The release queue delivered stream `ctx`'s message.
+    pub fn release(&mut self, ctx: Ctx, now_ms: u64) {
+        let (mut io, _, streams) = self.io(now_ms);
+        streams.release(&mut io, ctx);
+    }
+
+    /// The worker's timer fired.
+    pub fn tick(&mut self, now_ms: u64) {
+        let root = self.root;
+        let (mut io, verifier, streams) = self.io(now_ms);
+        let allowed = verifier.tick(&mut io, root);
+        deliver_all(&mut io, streams, allowed);
+        streams.tick(&mut io);
+        self.reschedule(now_ms);
+    }
+
+    /// Stream `ctx` is gone (`on_done`).
+    pub fn stream_done(&mut self, ctx: Ctx, now_ms: u64) {
+        let (mut io, verifier, streams) = self.io(now_ms);
+        streams.close(&mut io, ctx);
+        verifier.leave(&mut io, ctx);
+        self.reschedule(now_ms);
+    }
+
+    /// The outcome of an effect. `Some(flow)`: what the callback running now must return instead of
+    /// what the engine said.
+    pub fn receipt(&mut self, receipt: Receipt, now_ms: u64) -> Option<Flow> {
+        let user_header = self.cfg.user_header.clone();
+        let (mut io, verifier, streams) = self.io(now_ms);
+        let flow = match receipt {
+            Receipt::Dispatched { key, from, token } => {
+                let allowed = verifier.dispatched(&mut io, key, from, token);
+                deliver_all(&mut io, streams, allowed);
+                None
+            }
+            Receipt::Written { ctx } => {
+                streams.written(&mut io, ctx);
+                None
+            }
+            Receipt::Failed(effect) => match &effect {
+                Effect::RemoveRequestHeader { ctx, .. } | Effect::SetRequestHeader { ctx, .. } => {
+                    // The request cannot be made safe to forward: refuse it, and forget it.
+                    if matches!(&effect, Effect::SetRequestHeader { name, .. } if *name == user_header) {
+                        io.tally.add(Metric::Allowed, -1);
+                    }
+                    streams.close(&mut io, *ctx);
+                    verifier.leave(&mut io, *ctx);
+                    io.reply(*ctx, Reply::new(Code::AuthUnavailable, "the request could not be processed"));
+                    Some(Flow::Pause)
+                }
+                Effect::Reply { .. } | Effect::NoContent { .. } => {
+                    io.log(Level::Warn, "revenprox: local reply failed".to_string());
+                    None
+                }
+                Effect::ResumeRequest { .. } => {
+                    io.log(Level::Warn, "revenprox: resuming a request failed".to_string());
+                    None
+                }
+                _ => streams.failed(&mut io, &effect),
+            },
+        };
+        self.reschedule(now_ms);
+        flow
+    }
+
+    /// Sets the worker's timer to the earliest due call or session deadline (or stops it).
+    fn reschedule(&mut self, now_ms: u64) {
+        let next = [self.verifier.next_due_ms(), self.streams.next_deadline_ms()].into_iter().flatten().min();
+        let period = next.map_or(0, |due| due.saturating_sub(now_ms).clamp(MIN_TICK_MS, MAX_TICK_MS));
+        if period != self.tick_ms {
+            self.tick_ms = period;
+            self.out.push(Effect::SetTick { ms: period });
+        }
+    }
+}
+
+fn find<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+}
+
+/// The request headers callback: the client's identity header goes, tokens leave the URL, then the
+/// gate decides.
+fn request<S: SharedStore + ?Sized>(
+    io: &mut Io<S>,
+    verifier: &mut Verifier,
+    streams: &mut Streams,
+    ctx: Ctx,
+    headers: &[(String, Vec<u8>)],
+) -> Flow {
+    let cfg = io.cfg;
+    io.tally.inc(Metric::Requests);
+    // The identity header is ours alone.
+    if find(headers, &cfg.user_header).is_some() {
+        io.out.push(Effect::RemoveRequestHeader { ctx, name: cfg.user_header.clone() });
+    }
+    let raw_path = find(headers, ":path").unwrap_or_default();
+    // Read leniently so that a path with bytes that are not UTF-8 still loses its token below.
+    let lossy = String::from_utf8_lossy(raw_path);
+    let path: &str = &lossy;
+    // Tokens leave the URL before anything else: the upstream and Envoy's access log never see them.
+    if let Some(stripped) = gate::stripped_path(cfg, path) {
+        io.out.push(Effect::SetRequestHeader {
+            ctx,
+            name: ":path".to_string(),
+            value: stripped.into_bytes(),
+        });
+    }
+    if std::str::from_utf8(raw_path).is_err() {
+        io.reply(ctx, Reply::new(Code::NoTopic, "the path names no topic"));
+        return Flow::Pause;
+    }
+    // Several Cookie headers (HTTP/1.1 clients may send them) are one cookie list.
+    let cookies: Vec<&[u8]> =
+        headers.iter().filter(|(k, _)| k == "cookie").map(|(_, v)| v.as_slice()).collect();
+    let joined = if cookies.len() > 1 { Some(cookies.join(&b"; "[..])) } else { None };
+    let request = gate::Request {
+        method: find(headers, ":method").unwrap_or_default(),
+        path,
+        content_type: find(headers, "content-type"),
+        authorization: find(headers, "authorization"),
+        cookie: joined.as_deref().or_else(|| cookies.first().copied()),
+    };
+    match gate::admit(cfg, &request, io.now_ms / 1000) {
+        Step::Reply(reply) => {
+            io.reply(ctx, reply);
+            Flow::Pause
+        }
+        Step::Pass => {
+            io.tally.inc(Metric::Allowed);
+            Flow::Continue
+        }
+        Step::Verify(v) => match verifier.begin(io, ctx, v) {
+            Started::Allowed(allowed) => deliver(io, streams, allowed, true),
+            Started::Pending => Flow::Pause,
+        },
+    }
+}
+
+fn deliver_all<S: SharedStore + ?Sized>(io: &mut Io<S>, streams: &mut Streams, allowed: Vec<Allowed>) {
+    for a in allowed {
+        deliver(io, streams, a, false);
+    }
+}
+
+/// An allowed verification for one waiting request. A stream request gets its identity and goes
+/// upstream (resumed, unless `in_callback`: then its own callback continues); a challenge response is
+/// answered here: 204 when the user has an open stream on the topic (which then takes the new
+/// expiry), else 403.
+fn deliver<S: SharedStore + ?Sized>(
+    io: &mut Io<S>,
+    streams: &mut Streams,
+    a: Allowed,
+    in_callback: bool,
+) -> Flow {
+    let ctx = a.waiter.context_id;
+    let cfg = io.cfg;
+    let now_ms = io.now_ms;
+    if !a.waiter.reauth {
+        io.out.push(Effect::SetRequestHeader {
+            ctx,
+            name: cfg.user_header.clone(),
+            value: a.user_id.clone().into_bytes(),
+        });
+        io.tally.inc(Metric::Allowed);
+        streams.allowed(ctx, Identity { user_id: a.user_id, topic_id: a.topic_id, expires_at: a.expires_at });
+        if in_callback {
+            return Flow::Continue;
+        }
+        io.out.push(Effect::ResumeRequest { ctx });
+        return Flow::Pause;
+    }
+    let key = registry::key(&a.user_id, &a.topic_id);
+    // A stream on this worker opened so recently that no tick has registered it yet counts too.
+    let present = shared::registry_reauthorize(io.store, &key, a.expires_at, now_ms)
+        || (streams.has_local(&key) && {
+            shared::registry_touch(io.store, &key, now_ms);
+            shared::registry_reauthorize(io.store, &key, a.expires_at, now_ms)
+        });
+    if present {
+        streams.extend_local(&key, a.expires_at);
+        io.tally.inc(Metric::Reauthorizations);
+        if io.debug {
+            let line = format!(
+                "revenprox: re-authorized user={} topic={} until {}",
+                a.user_id, a.topic_id, a.expires_at
+            );
+            io.log(Level::Debug, line);
+        }
+        io.out.push(Effect::NoContent { ctx });
+    } else {
+        io.reply(ctx, Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
+    }
+    Flow::Pause
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests;

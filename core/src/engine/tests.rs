@@ -1,0 +1,515 @@
+//! Whole scenarios through the engine, natively: host events in, exact effects out. A `Host` here
+//! plays Envoy's part the way `src/host/apply.rs` does (performs effects, sends receipts), with
+//! call tokens of its own, so the tests read like the e2e suite without an Envoy.
+
+use super::effect::{Ctx, Effect, Flow, Receipt, WebhookCall};
+use super::metrics::{Metric, Update};
+use super::{ChunkReader, Engine};
+use crate::auth::reply::Code;
+use crate::auth::topic;
+use crate::config::{self, Config};
+use crate::resilience::flight::FlightKey;
+use crate::shared::MemStore;
+use crate::sse::session::{ExpiryReason, Injection};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use std::collections::HashMap;
+
+const ROOT: Ctx = 1;
+/// 2030-01-01: every test token's `exp` is relative to this.
+const T0: u64 = 1_893_456_000_000;
+const T0_SEC: u64 = T0 / 1000;
+
+fn cfg(extra: &str) -> Config {
+    let base = r#""jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook"}"#;
+    config::parse(format!("{{{base}{extra}}}").as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A compact JWT (unsigned: the webhook decides) for `sub`, expiring `ttl` seconds after T0.
+fn jwt(sub: &str, ttl: u64) -> String {
+    format!(
+        "{}.{}.c2ln",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#),
+        URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"{sub}","exp":{}}}"#, T0_SEC + ttl))
+    )
+}
+
+fn get(path: &str, token: &str) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (":method".into(), b"GET".to_vec()),
+        (":path".into(), path.as_bytes().to_vec()),
+        ("authorization".into(), format!("Bearer {token}").into_bytes()),
+    ]
+}
+
+fn refresh(path: &str, token: &str) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (":method".into(), b"POST".to_vec()),
+        (":path".into(), path.as_bytes().to_vec()),
+        ("content-type".into(), b"application/x-challenge-response".to_vec()),
+        ("authorization".into(), format!("Bearer {token}").into_bytes()),
+    ]
+}
+
+fn sse_response() -> Vec<(String, Vec<u8>)> {
+    vec![(":status".into(), b"200".to_vec()), ("content-type".into(), b"text/event-stream".to_vec())]
+}
+
+fn verdict(user: &str, ttl: u64) -> Vec<u8> {
+    format!(r#"{{"valid":true,"user_id":"{user}","expires_at":{}}}"#, T0_SEC + ttl).into_bytes()
+}
+
+const DENY: &[u8] = br#"{"valid":false,"user_id":null,"expires_at":null}"#;
+
+struct Chunk<'a>(&'a [u8]);
+
+impl ChunkReader for Chunk<'_> {
+    fn read(&mut self, start: usize, len: usize) -> Vec<u8> {
+        self.0.get(start..).map(|s| s.get(..len).unwrap_or(s).to_vec()).unwrap_or_default()
+    }
+}
+
+/// One worker's engine with an Envoy stand-in: performs effects the way `src/host/apply.rs` does
+/// (receipts included) and records what reached the "wire".
+struct Host {
+    engine: Engine<MemStore>,
+    now: u64,
+    next_token: u32,
+    /// Dispatched calls not answered yet: token → (flight, from, body).
+    calls: HashMap<u32, (FlightKey, Ctx, WebhookCall)>,
+    /// Everything performed, in order (logs and timer changes left out).
+    done: Vec<Effect>,
+    /// Contexts gone: effects on them fail as in Envoy.
+    gone: Vec<Ctx>,
+    /// `Inject` succeeds only on a held body.
+    held: HashMap<Ctx, bool>,
+    tick_ms: u64,
+    metrics: HashMap<&'static str, i64>,
+}
+
+impl Host {
+    fn new(cfg: Config, store: MemStore) -> Host {
+        let engine = Engine::new(cfg, store, ROOT, true, false, T0);
+        let mut h = Host {
+            engine,
+            now: T0,
+            next_token: 100,
+            calls: HashMap::new(),
+            done: Vec::new(),
+            gone: Vec::new(),
+            held: HashMap::new(),
+            tick_ms: 0,
+            metrics: HashMap::new(),
+        };
+        h.run();
+        h
+    }
+
+    /// Performs pending effects until none is left; receipts go back to the engine.
+    fn run(&mut self) -> Option<Flow> {
+        let mut changed = None;
+        loop {
+            let effects = self.engine.take_effects();
+            if effects.is_empty() {
+                break;
+            }
+            for effect in effects {
+                if effect.ctx().is_some_and(|c| self.gone.contains(&c)) {
+                    continue;
+                }
+                let receipt = match &effect {
+                    Effect::Dispatch { from, key, call } => {
+                        self.next_token += 1;
+                        self.calls.insert(self.next_token, (*key, *from, call.clone()));
+                        Some(Receipt::Dispatched { key: *key, from: *from, token: Some(self.next_token) })
+                    }
+                    Effect::Inject { ctx, .. } => Some(if self.held.get(ctx) == Some(&true) {
+                        Receipt::Written { ctx: *ctx }
+                    } else {
+                        Receipt::Failed(effect.clone())
+                    }),
+                    Effect::ReplaceChunk { ctx, .. } => Some(Receipt::Written { ctx: *ctx }),
+                    Effect::Enqueue { ctx } => {
+                        self.held.insert(*ctx, true);
+                        None
+                    }
+                    Effect::SetTick { ms } => {
+                        self.tick_ms = *ms;
+                        None
+                    }
+                    _ => None,
+                };
+                if !matches!(effect, Effect::Log { .. } | Effect::SetTick { .. }) {
+                    self.done.push(effect);
+                }
+                if let Some(r) = receipt {
+                    if let Some(f) = self.engine.receipt(r, self.now) {
+                        changed = Some(f);
+                    }
+                }
+            }
+        }
+        for update in self.engine.take_metrics() {
+            if let Update::Add(m, d) = update {
+                *self.metrics.entry(m.name()).or_default() += d;
+            }
+        }
+        changed
+    }
+
+    fn take(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.done)
+    }
+
+    fn metric(&self, m: Metric) -> i64 {
+        self.metrics.get(m.name()).copied().unwrap_or(0)
+    }
+
+    fn request(&mut self, ctx: Ctx, headers: &[(String, Vec<u8>)]) -> Flow {
+        let flow = self.engine.request_headers(ctx, headers, self.now);
+        self.run().unwrap_or(flow)
+    }
+
+    /// The webhook answers call `token` with a 200 and `body` (or another status).
+    fn answer(&mut self, token: u32, status: u32, body: &[u8]) {
+        assert!(self.calls.remove(&token).is_some(), "no call {token} in progress");
+        self.engine.call_answered(token, Some(status), body, self.now);
+        self.run();
+    }
+
+    fn pending_calls(&self) -> Vec<(u32, Ctx)> {
+        let mut v: Vec<(u32, Ctx)> = self.calls.iter().map(|(t, (_, from, _))| (*t, *from)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+    }
+
+    /// Time passes timer period by timer period (as Envoy's timer fires) until `until`.
+    fn tick_until(&mut self, until: u64) {
+        let mut rounds = 0;
+        while self.now < until && rounds < 100_000 {
+            rounds += 1;
+            let step = if self.tick_ms == 0 { until - self.now } else { self.tick_ms.min(until - self.now) };
+            self.now += step;
+            if self.tick_ms != 0 {
+                self.engine.tick(self.now);
+                self.run();
+            }
+        }
+    }
+
+    fn done_stream(&mut self, ctx: Ctx) {
+        self.gone.push(ctx);
+        self.engine.stream_done(ctx, self.now);
+        self.run();
+    }
+
+    fn response(&mut self, ctx: Ctx) {
+        self.engine.response_headers(ctx, &sse_response(), self.now);
+        self.run();
+    }
+
+    fn body(&mut self, ctx: Ctx, bytes: &[u8], eos: bool) -> Flow {
+        self.held.insert(ctx, false);
+        let flow = self.engine.response_body(ctx, bytes.len(), eos, &mut Chunk(bytes), self.now);
+        self.run().unwrap_or(flow)
+    }
+
+    /// The queue delivers the release of a held chunk.
+    fn release(&mut self, ctx: Ctx) {
+        self.engine.release(ctx, self.now);
+        self.run();
+    }
+
+    /// Opens an allowed SSE stream on `ctx` for `user` (webhook answers at once).
+    fn open(&mut self, ctx: Ctx, token: &str, user: &str, ttl: u64) {
+        assert_eq!(self.request(ctx, &get("/events/news", token)), Flow::Pause);
+        let (call, _) = *self.pending_calls().last().unwrap_or(&(0, 0));
+        self.answer(call, 200, &verdict(user, ttl));
+        self.response(ctx);
+        assert_eq!(self.body(ctx, b"data: hello\n\n", false), Flow::Pause);
+        self.release(ctx);
+        self.take();
+    }
+}
+
+fn user_header(ctx: Ctx, user: &str) -> Effect {
+    Effect::SetRequestHeader { ctx, name: "x-revenprox-user".into(), value: user.as_bytes().to_vec() }
+}
+
+fn reply_code(e: &Effect) -> Option<(Ctx, Code)> {
+    match e {
+        Effect::Reply { ctx, reply } => Some((*ctx, reply.code)),
+        _ => None,
+    }
+}
+
+#[test]
+fn herd_fans_one_verdict_out_to_every_waiter() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    let token = jwt("alice", 600);
+    for ctx in [10, 11, 12] {
+        assert_eq!(h.request(ctx, &get("/events/news", &token)), Flow::Pause);
+    }
+    // One call, made from the first stream (its answer comes back there).
+    assert_eq!(h.pending_calls(), vec![(101, 10)]);
+    let effects = h.take();
+    let Some(Effect::Dispatch { call, .. }) = effects.last() else { panic!("{effects:?}") };
+    let topic = topic::id("news").unwrap_or_default();
+    assert_eq!(call.body, format!(r#"{{"jwt":"{token}","topic":"{topic}"}}"#));
+    assert_eq!(
+        (call.cluster.as_str(), call.authority.as_str(), call.path.as_str()),
+        ("auth_webhook", "auth.test", "/verify")
+    );
+    assert_eq!(h.metric(Metric::SingleflightJoins), 2);
+    h.answer(101, 200, &verdict("alice", 600));
+    assert_eq!(
+        h.take(),
+        vec![
+            user_header(10, "alice"),
+            Effect::ResumeRequest { ctx: 10 },
+            user_header(11, "alice"),
+            Effect::ResumeRequest { ctx: 11 },
+            user_header(12, "alice"),
+            Effect::ResumeRequest { ctx: 12 },
+        ]
+    );
+    // The verdict is cached: the next request continues at once, from the local cache.
+    assert_eq!(h.request(13, &get("/events/news", &token)), Flow::Continue);
+    assert_eq!(h.take(), vec![user_header(13, "alice")]);
+    assert_eq!(
+        (h.metric(Metric::WebhookCalls), h.metric(Metric::CacheHits), h.metric(Metric::Allowed)),
+        (1, 1, 4)
+    );
+}
+
+#[test]
+fn retries_back_off_from_the_root_then_fail_every_waiter() {
+    let mut h = Host::new(
+        cfg(
+            r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":2}"#,
+        ),
+        MemStore::new(),
+    );
+    let token = jwt("bob", 600);
+    h.request(20, &get("/events/news", &token));
+    h.request(21, &get("/events/news", &token));
+    h.take();
+    h.answer(101, 500, b"oops");
+    assert!(h.take().is_empty(), "a failed call is retried, not answered");
+    // The retry is due 100 ms later, made from the root's timer.
+    h.tick_until(h.now + 99);
+    assert!(h.pending_calls().is_empty());
+    h.tick_until(h.now + 1);
+    assert_eq!(h.pending_calls(), vec![(102, ROOT)]);
+    h.take();
+    h.answer(102, 503, b"");
+    h.tick_until(h.now + 200);
+    assert_eq!(h.pending_calls(), vec![(103, ROOT)]);
+    h.take();
+    h.answer(103, 200, b"not json");
+    let codes: Vec<_> = h.take().iter().filter_map(reply_code).collect();
+    assert_eq!(codes, vec![(20, Code::AuthUnavailable), (21, Code::AuthUnavailable)]);
+    assert_eq!((h.metric(Metric::WebhookCalls), h.metric(Metric::WebhookRetries)), (3, 2));
+    assert_eq!(h.metric(Metric::WebhookFailuresMalformed), 1);
+    assert_eq!(h.metric(Metric::DeniedAuthUnavailable), 2);
+}
+
+#[test]
+fn a_timed_out_call_is_a_timeout_failure() {
+    let mut h = Host::new(
+        cfg(
+            r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":0,"timeout_ms":1000}"#,
+        ),
+        MemStore::new(),
+    );
+    h.request(30, &get("/events/news", &jwt("carol", 600)));
+    h.take();
+    // Envoy answers a call that ran out of time with its own 504.
+    h.advance(1000);
+    h.answer(101, 504, b"upstream request timeout");
+    assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(30, Code::AuthUnavailable)]);
+    assert_eq!((h.metric(Metric::WebhookFailuresTimeout), h.metric(Metric::WebhookFailuresStatus)), (1, 0));
+    // A 504 well before the timeout is the webhook's own status.
+    h.request(31, &get("/events/news", &jwt("carol2", 600)));
+    h.answer(102, 504, b"");
+    assert_eq!((h.metric(Metric::WebhookFailuresTimeout), h.metric(Metric::WebhookFailuresStatus)), (1, 1));
+}
+
+#[test]
+fn an_abandoned_probe_is_given_back() {
+    let extra = r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":0,"circuit_breaker_threshold":2,"circuit_breaker_timeout_sec":10}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    for (ctx, call) in [(40, 101), (41, 102)] {
+        h.request(ctx, &get("/events/news", &jwt(&format!("u{ctx}"), 600)));
+        h.answer(call, 500, b"");
+    }
+    assert_eq!(h.metric(Metric::CircuitOpened), 1);
+    h.take();
+    // Open: refused at once, no call.
+    h.request(42, &get("/events/news", &jwt("u42", 600)));
+    assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(42, Code::AuthUnavailable)]);
+    // After the timeout one request probes; its client leaves during the call.
+    h.advance(10_000);
+    h.request(43, &get("/events/news", &jwt("u43", 600)));
+    assert_eq!(h.pending_calls(), vec![(103, 43)]);
+    h.done_stream(43);
+    // The probe was given back: the next request probes at once instead of a 503.
+    h.take();
+    h.request(44, &get("/events/news", &jwt("u44", 600)));
+    assert!(matches!(h.take().last(), Some(Effect::Dispatch { from: 44, .. })));
+    h.answer(104, 200, &verdict("u44", 600));
+    assert_eq!(h.metric(Metric::CircuitClosed), 1);
+}
+
+#[test]
+fn a_caller_gone_mid_flight_hands_the_call_to_the_root() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    let token = jwt("dave", 600);
+    h.request(50, &get("/events/news", &token));
+    h.request(51, &get("/events/news", &token));
+    assert_eq!(h.pending_calls(), vec![(101, 50)]);
+    // The caller leaves: Envoy drops its call, the flight calls again from the root, not counted.
+    h.done_stream(50);
+    h.calls.remove(&101);
+    h.take();
+    h.tick_until(h.now + 20);
+    assert_eq!(h.pending_calls(), vec![(102, ROOT)]);
+    h.answer(102, 200, &verdict("dave", 600));
+    assert_eq!(h.take().last(), Some(&Effect::ResumeRequest { ctx: 51 }));
+    assert_eq!(h.metric(Metric::WebhookRetries), 0);
+    // The last waiter leaving ends the flight: a late answer changes nothing.
+    h.request(52, &get("/events/news", &jwt("erin", 600)));
+    h.done_stream(52);
+    h.take();
+    h.engine.call_answered(103, Some(200), &verdict("erin", 600), h.now);
+    h.run();
+    assert!(h.take().is_empty());
+    assert!(h.engine.verifier().flights().is_empty());
+}
+
+#[test]
+fn expiry_while_a_chunk_is_held() {
+    let mut h = Host::new(cfg(r#","sse":{"challenge_before_expiry_sec":0}"#), MemStore::new());
+    h.open(60, &jwt("frank", 60), "frank", 60);
+    // The stream sits on a held chunk; at the token's expiry the event goes out, the stream ends.
+    let expired = Injection::Expired(ExpiryReason::TokenExpired);
+    h.tick_until(T0 + 60_000 - 1);
+    assert!(!h.take().iter().any(|e| matches!(e, Effect::Inject { bytes, .. } if *bytes == expired.bytes())));
+    h.tick_until(T0 + 60_020);
+    let effects = h.take();
+    assert!(effects.contains(&Effect::Inject { ctx: 60, bytes: expired.bytes() }), "{effects:?}");
+    assert_eq!(h.metric(Metric::StreamsExpired), 1);
+    h.tick_until(h.now + 120);
+    assert!(h.take().contains(&Effect::Close { ctx: 60 }));
+    // Upstream bytes after it are dropped.
+    assert_eq!(h.body(60, b"data: late\n\n", false), Flow::Continue);
+    assert_eq!(h.take(), vec![Effect::ReplaceChunk { ctx: 60, size: 12, bytes: vec![] }]);
+}
+
+#[test]
+fn heartbeats_need_a_held_chunk_and_wait_for_the_event_boundary() {
+    let mut h = Host::new(cfg(r#","sse":{"heartbeat_interval_sec":1}"#), MemStore::new());
+    h.open(70, &jwt("gina", 600), "gina", 600);
+    // Half an event arrives and is held: the heartbeat due meanwhile waits for its end...
+    h.tick_until(h.now + 500);
+    assert_eq!(h.body(70, b"data: par", false), Flow::Pause);
+    h.release(70);
+    h.tick_until(h.now + 1_100);
+    assert!(!h.take().iter().any(|e| matches!(e, Effect::Inject { .. })));
+    // ...and is spliced in right after it.
+    h.body(70, b"t\n\ndata: next", false);
+    let effects = h.take();
+    assert!(
+        effects.contains(&Effect::ReplaceChunk {
+            ctx: 70,
+            size: 13,
+            bytes: b"t\n\n: heartbeat\n\ndata: next".to_vec()
+        }),
+        "{effects:?}"
+    );
+    assert_eq!(h.metric(Metric::HeartbeatsSent), 1);
+}
+
+#[test]
+fn a_refresh_on_one_worker_extends_streams_on_another() {
+    let store = MemStore::new();
+    let extra = r#","sse":{"challenge_before_expiry_sec":10}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    a.open(80, &jwt("hana", 60), "hana", 60);
+    // The first tick registers the stream Envoy-wide.
+    a.tick_until(a.now + 20);
+    // The challenge goes out 10 s before the expiry.
+    a.tick_until(T0 + 50_020);
+    assert!(a.take().contains(&Effect::Inject { ctx: 80, bytes: Injection::Challenge.bytes() }));
+    // The client answers it on another worker with a fresh token.
+    b.now = a.now;
+    b.request(90, &refresh("/events/news", &jwt("hana", 120)));
+    b.answer(101, 200, &verdict("hana", 120));
+    assert_eq!(b.take().last(), Some(&Effect::NoContent { ctx: 90 }));
+    assert_eq!(b.metric(Metric::Reauthorizations), 1);
+    // Worker A's stream takes the new expiry: nothing expires at the old one.
+    a.tick_until(T0 + 61_000);
+    let ended = |e: &Effect| match e {
+        Effect::Close { .. } => true,
+        Effect::Inject { bytes, .. } => bytes.starts_with(b"event: expired"),
+        _ => false,
+    };
+    assert!(!a.take().iter().any(ended));
+    // A refresh of another user, or for a topic without a stream, is refused and extends nothing.
+    b.request(91, &refresh("/events/news", &jwt("ivan", 120)));
+    b.answer(102, 200, &verdict("ivan", 120));
+    assert_eq!(b.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(91, Code::UserMismatch)]);
+}
+
+#[test]
+fn denials_and_local_refusals() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    h.request(100, &get("/events/news", &jwt("jack", 600)));
+    h.answer(101, 200, DENY);
+    assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(100, Code::InvalidToken)]);
+    // The client's identity header is removed, the token leaves the URL, then the gate refuses.
+    let mut headers = get("/events/?token=abc", "x");
+    headers.retain(|(k, _)| k != "authorization");
+    headers.push(("x-revenprox-user".into(), b"admin".to_vec()));
+    assert_eq!(h.request(101, &headers), Flow::Pause);
+    assert_eq!(
+        h.take()
+            .iter()
+            .map(|e| match e {
+                Effect::Reply { ctx, reply } => format!("reply {ctx} {}", reply.code.as_str()),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>(),
+        vec![
+            format!("{:?}", Effect::RemoveRequestHeader { ctx: 101, name: "x-revenprox-user".into() }),
+            format!(
+                "{:?}",
+                Effect::SetRequestHeader { ctx: 101, name: ":path".into(), value: b"/events/".to_vec() }
+            ),
+            "reply 101 no_topic".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn a_failed_identity_edit_refuses_the_request() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    let token = jwt("kim", 600);
+    h.request(110, &get("/events/news", &token));
+    h.answer(101, 200, &verdict("kim", 600));
+    h.take();
+    // Cached now; this time the host cannot set the identity header.
+    let flow = h.engine.request_headers(111, &get("/events/news", &token), h.now);
+    assert_eq!(flow, Flow::Continue);
+    let effects = h.engine.take_effects();
+    assert_eq!(effects, vec![user_header(111, "kim")]);
+    let changed = h.engine.receipt(Receipt::Failed(user_header(111, "kim")), h.now);
+    assert_eq!(changed, Some(Flow::Pause));
+    let codes: Vec<_> = h.engine.take_effects().iter().filter_map(reply_code).collect();
+    assert_eq!(codes, vec![(111, Code::AuthUnavailable)]);
+}

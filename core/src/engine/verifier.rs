@@ -1,0 +1,442 @@
+//! The verifier of one worker: cache (a local LRU in front of the Envoy-wide slots), single flight,
+//! breaker and rate-limit admission, webhook calls and their retries, and the fan-out of one
+//! verdict to every request waiting for it.
+//!
+//! A webhook call is made from the context whose callback is running (its answer comes back
+//! there): the request's own stream for a flight's first call, the root context's timer for
+//! retries and for calls whose maker went away. Refusals are answered here; allowed requests are
+//! handed back to the engine (`Allowed`), which forwards them or re-authorizes streams.
+
+use super::effect::{Ctx, Effect, Level, WebhookCall};
+use super::metrics::Metric;
+use super::Io;
+use crate::auth::cache;
+use crate::auth::gate::Verification;
+use crate::auth::reply::{Code, Reply};
+use crate::auth::token::Kind;
+use crate::auth::verdict::{self, Failure, Verdict};
+use crate::config::Config;
+use crate::resilience::breaker::{self, Admit};
+use crate::resilience::flight::{FlightKey, Flights, Left, Waiter};
+use crate::shared::{self, SharedStore};
+use lru::LruCache;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+
+/// At most this many verdicts per worker in the local cache (never more than `cache_max_size`).
+const LOCAL_CACHE_MAX: u32 = 1024;
+
+/// A verdict in the worker's local cache.
+#[derive(Debug, Clone)]
+struct Local {
+    until_ms: u64,
+    expires_at: u64,
+    user_id: String,
+}
+
+/// An allowed verification for one waiting request, for the engine to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub waiter: Waiter,
+    pub user_id: String,
+    pub expires_at: u64,
+    pub topic_id: String,
+}
+
+/// What `begin` did with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Started {
+    /// Allowed from the cache, at once.
+    Allowed(Allowed),
+    /// Waiting for a verdict, or already answered with a refusal.
+    Pending,
+}
+
+pub struct Verifier {
+    flights: Flights<Verification>,
+    /// Webhook call token → the context that made it (its answer goes there).
+    call_owner: HashMap<u32, Ctx>,
+    /// Recent verdicts of this worker, in front of the shared cache: a hit costs no SHA-256 and
+    /// no shared-data read. Entries live no longer than their shared-cache twins.
+    local: Option<LruCache<String, Local>>,
+    /// The breaker state this worker last reported in `revenprox_circuit_state`.
+    breaker_seen: Option<u64>,
+}
+
+fn local_key(v: &Verification) -> String {
+    let mut k = String::with_capacity(v.credential.value.len() + v.topic_id.len() + 1);
+    k.push_str(&v.topic_id);
+    k.push('\n');
+    k.push_str(&v.credential.value);
+    k
+}
+
+fn secs_ceil(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+pub fn breaker_settings(cfg: &Config) -> breaker::Settings {
+    let v = &cfg.verifier;
+    breaker::Settings {
+        threshold: v.circuit_breaker_threshold,
+        open_ms: v.circuit_breaker_timeout_sec.saturating_mul(1000),
+        // A probe that has not reported back after every try it may make is lost.
+        probe_timeout_ms: (v.timeout_ms + 1000).saturating_mul(u64::from(v.retry_attempts) + 1),
+    }
+}
+
+impl Verifier {
+    pub fn new(cfg: &Config) -> Verifier {
+        let capacity = cfg.verifier.cache_max_size.min(LOCAL_CACHE_MAX);
+        let local = (cfg.verifier.cache_enabled())
+            .then(|| NonZeroUsize::new(usize::try_from(capacity).unwrap_or(1)))
+            .flatten()
+            .map(LruCache::new);
+        Verifier { flights: Flights::default(), call_owner: HashMap::new(), local, breaker_seen: None }
+    }
+
+    /// The earliest scheduled call, for the timer.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.flights.next_due_ms()
+    }
+
+    /// Flights in progress (for tests and invariants).
+    pub fn flights(&self) -> &Flights<Verification> {
+        &self.flights
+    }
+
+    /// The keys of the flights in progress.
+    pub fn flights_keys(&self) -> Vec<FlightKey> {
+        self.flights.keys()
+    }
+
+    /// Calls in progress, by host token, with the context that made each.
+    pub fn calls(&self) -> &HashMap<u32, Ctx> {
+        &self.call_owner
+    }
+
+    fn local_get(&mut self, key: &str, now_ms: u64) -> Option<Local> {
+        let cache = self.local.as_mut()?;
+        match cache.get(key) {
+            Some(hit) if hit.until_ms > now_ms => Some(hit.clone()),
+            Some(_) => {
+                cache.pop(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn local_put(&mut self, key: String, until_ms: u64, expires_at: u64, user_id: &str) {
+        if let Some(cache) = self.local.as_mut() {
+            cache.put(key, Local { until_ms, expires_at, user_id: user_id.to_string() });
+        }
+    }
+
+    /// Keeps the `revenprox_circuit_state` gauge on the state this worker last saw.
+    fn observe_breaker<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, state: breaker::State) {
+        let gauge = state.gauge();
+        if self.breaker_seen != Some(gauge) {
+            self.breaker_seen = Some(gauge);
+            io.tally.set(Metric::CircuitState, gauge);
+        }
+    }
+
+    /// Starts verifying `v` for the request of stream `ctx` (its request headers callback).
+    pub(crate) fn begin<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        ctx: Ctx,
+        v: Verification,
+    ) -> Started {
+        let waiter = Waiter { context_id: ctx, reauth: v.reauth };
+        let now_ms = io.now_ms;
+        let allowed = |user_id: &str, expires_at: u64, topic_id: &str| {
+            Started::Allowed(Allowed {
+                waiter,
+                user_id: user_id.to_string(),
+                expires_at,
+                topic_id: topic_id.to_string(),
+            })
+        };
+        // SHA-256 of the token, computed at most once and only past the local cache.
+        let mut sha: Option<cache::Key> = None;
+        let mut key_of = |v: &Verification| *sha.get_or_insert_with(|| v.key());
+        if v.cacheable {
+            let lk = local_key(&v);
+            if let Some(hit) = self.local_get(&lk, now_ms) {
+                io.tally.inc(Metric::CacheHits);
+                return allowed(&hit.user_id, hit.expires_at, &v.topic_id);
+            }
+            if let Some(hit) =
+                shared::cache_get(io.store, &key_of(&v), io.cfg.verifier.cache_max_size, now_ms)
+            {
+                self.local_put(lk, hit.until_ms, hit.expires_at, &hit.user_id);
+                io.tally.inc(Metric::CacheHits);
+                return allowed(&hit.user_id, hit.expires_at, &v.topic_id);
+            }
+            io.tally.inc(Metric::CacheMisses);
+        }
+        let key = match v.credential.kind {
+            Kind::Jwt => FlightKey::Shared(key_of(&v)),
+            Kind::Ticket => FlightKey::Solo(ctx),
+        };
+        if self.flights.join(key, waiter) {
+            io.tally.inc(Metric::SingleflightJoins);
+            return Started::Pending;
+        }
+        let (admit, state) = shared::breaker_admit(io.store, &breaker_settings(io.cfg), now_ms);
+        self.observe_breaker(io, state);
+        let probe = match admit {
+            Admit::Allow => false,
+            Admit::Probe => {
+                io.log(Level::Info, "revenprox: circuit half-open: probing the webhook".to_string());
+                true
+            }
+            Admit::Reject { retry_after_ms } => {
+                io.tally.inc(Metric::CircuitRejected);
+                io.reply(
+                    ctx,
+                    Reply::new(Code::AuthUnavailable, "authentication is unavailable (circuit open)")
+                        .retry_after(secs_ceil(retry_after_ms)),
+                );
+                return Started::Pending;
+            }
+        };
+        let rate = io.cfg.verifier.rate_limit_per_sec;
+        let (take, flip) = shared::limiter_take(io.store, rate, now_ms);
+        match flip {
+            Some(true) => io.log(
+                Level::Warn,
+                format!("revenprox: rate limiting started: over {rate} webhook verifications per second"),
+            ),
+            Some(false) => io.log(Level::Info, "revenprox: rate limiting ended".to_string()),
+            None => {}
+        }
+        if !take.allowed {
+            io.tally.inc(Metric::RateLimited);
+            if probe {
+                // Nothing was tried: the next verification may probe.
+                shared::breaker_abandon_probe(io.store, now_ms);
+            }
+            io.reply(
+                ctx,
+                Reply::new(Code::RateLimited, "too many verifications, retry later")
+                    .retry_after(secs_ceil(take.wait_ms)),
+            );
+            return Started::Pending;
+        }
+        self.flights.start(key, v, waiter, probe, now_ms);
+        self.call(io, key, ctx);
+        Started::Pending
+    }
+
+    /// Makes the flight's next webhook call from context `from` (the one whose callback runs).
+    fn call<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, key: FlightKey, from: Ctx) -> Vec<Allowed> {
+        let Some(f) = self.flights.get(&key) else {
+            return Vec::new();
+        };
+        let Some(webhook) = &io.cfg.verifier.webhook else {
+            return self.finish(io, key, Verdict::Failure(Failure::NoResponse));
+        };
+        let body = verdict::request_body(&f.verification.credential.value, &f.verification.topic_id);
+        let call = WebhookCall {
+            cluster: webhook.cluster.clone(),
+            authority: webhook.authority.clone(),
+            path: webhook.path.clone(),
+            body,
+            timeout_ms: io.cfg.verifier.timeout_ms,
+        };
+        io.out.push(Effect::Dispatch { from, key, call });
+        Vec::new()
+    }
+
+    /// The host made (or refused) the call `Dispatch` asked for.
+    pub(crate) fn dispatched<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        key: FlightKey,
+        from: Ctx,
+        token: Option<u32>,
+    ) -> Vec<Allowed> {
+        let Some(f) = self.flights.get(&key) else {
+            return Vec::new();
+        };
+        let retry = f.attempts > 0;
+        match token {
+            Some(token) => {
+                io.tally.inc(Metric::WebhookCalls);
+                if retry {
+                    io.tally.inc(Metric::WebhookRetries);
+                }
+                self.flights.called(key, token, io.now_ms);
+                self.call_owner.insert(token, from);
+                Vec::new()
+            }
+            None => {
+                let cluster = io.cfg.verifier.webhook.as_ref().map_or("", |w| w.cluster.as_str());
+                io.log(
+                    Level::Warn,
+                    format!("revenprox: webhook call to cluster {cluster} could not be made"),
+                );
+                // Count it as a call that failed, so retries and the breaker apply as usual.
+                self.flights.attempted(key, io.now_ms);
+                self.failed(io, key, Failure::NoResponse)
+            }
+        }
+    }
+
+    /// A webhook answer arrived (in whichever context made the call).
+    pub(crate) fn answered<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        token: u32,
+        status: Option<u32>,
+        body: &[u8],
+    ) -> Vec<Allowed> {
+        self.call_owner.remove(&token);
+        let Some(key) = self.flights.answered(token) else {
+            return Vec::new();
+        };
+        let now_ms = io.now_ms;
+        let started = self.flights.get(&key).map_or(now_ms, |f| f.call_started_ms);
+        let elapsed = now_ms.saturating_sub(started);
+        io.tally.record(Metric::WebhookLatencyMs, elapsed);
+        match verdict::parse(status, body, now_ms / 1000) {
+            // Envoy answers a call that ran out of time with its own 504 (or with nothing).
+            Verdict::Failure(Failure::NoResponse | Failure::Status(504))
+                if elapsed.saturating_add(5) >= io.cfg.verifier.timeout_ms =>
+            {
+                self.failed(io, key, Failure::Timeout)
+            }
+            Verdict::Failure(f) => self.failed(io, key, f),
+            v => self.finish(io, key, v),
+        }
+    }
+
+    /// A call failed: retry later if the flight may, else the verification fails.
+    fn failed<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        key: FlightKey,
+        failure: Failure,
+    ) -> Vec<Allowed> {
+        io.tally.inc(Metric::WebhookFailures);
+        io.tally.inc(Metric::webhook_failure(failure));
+        let line = match failure {
+            Failure::Status(code) => format!("revenprox: webhook call failed (status {code})"),
+            other => format!("revenprox: webhook call failed ({})", other.label()),
+        };
+        io.log(Level::Warn, line);
+        match self.flights.retry(&key, io.cfg.verifier.retry_attempts, io.now_ms) {
+            Some(_) => Vec::new(),
+            None => self.finish(io, key, Verdict::Failure(failure)),
+        }
+    }
+
+    /// Ends a flight: breaker, cache, then every waiting request gets the verdict (refusals are
+    /// answered here, allowed requests returned).
+    fn finish<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        key: FlightKey,
+        verdict: Verdict,
+    ) -> Vec<Allowed> {
+        let Some(flight) = self.flights.finish(&key) else {
+            return Vec::new();
+        };
+        let now_ms = io.now_ms;
+        let ok = !matches!(verdict, Verdict::Failure(_));
+        if let Some((before, after)) =
+            shared::breaker_record(io.store, ok, flight.probe, &breaker_settings(io.cfg), now_ms)
+        {
+            self.observe_breaker(io, after);
+            match (before, after) {
+                (_, breaker::State::Open { .. }) => {
+                    io.tally.inc(Metric::CircuitOpened);
+                    let v = &io.cfg.verifier;
+                    let line = format!(
+                        "revenprox: circuit opened: the webhook failed {} consecutive verifications; \
+                         refusing verifications for {} s",
+                        v.circuit_breaker_threshold, v.circuit_breaker_timeout_sec
+                    );
+                    io.log(Level::Warn, line);
+                }
+                (breaker::State::HalfOpen { .. }, breaker::State::Closed { .. }) => {
+                    io.tally.inc(Metric::CircuitClosed);
+                    io.log(
+                        Level::Info,
+                        "revenprox: circuit closed: the webhook answered the probe".to_string(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let v = &flight.verification;
+        match verdict {
+            Verdict::Allow { user_id, expires_at } => {
+                if v.cacheable {
+                    if let Some(until_ms) =
+                        cache::cache_until_ms(now_ms, io.cfg.verifier.cache_ttl_sec, expires_at)
+                    {
+                        let entry =
+                            cache::Entry { key: v.key(), until_ms, expires_at, user_id: user_id.clone() };
+                        if !shared::cache_put(io.store, &entry, io.cfg.verifier.cache_max_size, now_ms) {
+                            io.log(Level::Warn, "revenprox: verdict cache write failed".to_string());
+                        }
+                        self.local_put(local_key(v), until_ms, expires_at, &user_id);
+                    }
+                }
+                flight
+                    .waiters
+                    .iter()
+                    .map(|w| Allowed {
+                        waiter: *w,
+                        user_id: user_id.clone(),
+                        expires_at,
+                        topic_id: v.topic_id.clone(),
+                    })
+                    .collect()
+            }
+            Verdict::Deny(_) => {
+                for w in &flight.waiters {
+                    io.reply(w.context_id, Reply::new(Code::InvalidToken, "the token was refused"));
+                }
+                Vec::new()
+            }
+            Verdict::Failure(_) => {
+                for w in &flight.waiters {
+                    io.reply(
+                        w.context_id,
+                        Reply::new(Code::AuthUnavailable, "authentication is unavailable"),
+                    );
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Timer: makes the calls that are due (retries, and calls whose maker went away), from `root`.
+    pub(crate) fn tick<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, root: Ctx) -> Vec<Allowed> {
+        let mut allowed = Vec::new();
+        for key in self.flights.due(io.now_ms) {
+            allowed.extend(self.call(io, key, root));
+        }
+        allowed
+    }
+
+    /// Stream `ctx` went away: it no longer waits, and a call it made is lost with it.
+    pub(crate) fn leave<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, ctx: Ctx) {
+        let call_owner = &self.call_owner;
+        let left = self.flights.leave(ctx, |call| call_owner.get(&call) == Some(&ctx));
+        match left {
+            Some(Left::Waiting { key, orphaned: true }) => self.flights.recall(&key, io.now_ms),
+            // Nobody waits for the half-open probe any more: give it back, or the breaker would
+            // refuse every verification in this Envoy until the probe timed out.
+            Some(Left::Ended { probe: true, .. }) => shared::breaker_abandon_probe(io.store, io.now_ms),
+            _ => {}
+        }
+        // Calls this stream made will never be answered to it: forget them.
+        self.call_owner.retain(|_, owner| *owner != ctx);
+    }
+}
