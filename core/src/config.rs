@@ -7,30 +7,43 @@
 use crate::logline::Level;
 use serde_json::{Map, Value};
 
-/// Every key the configuration accepts, as dotted paths. The README's config reference is checked
-/// against this list by a unit test, so docs and code cannot drift.
-pub const KNOWN_KEYS: &[&str] = &[
-    "jwt_verifier.webhook_url",
-    "jwt_verifier.webhook_cluster",
-    "jwt_verifier.timeout_ms",
-    "jwt_verifier.retry_attempts",
-    "jwt_verifier.cache_ttl_sec",
-    "jwt_verifier.cache_max_size",
-    "jwt_verifier.circuit_breaker_threshold",
-    "jwt_verifier.circuit_breaker_timeout_sec",
-    "jwt_verifier.rate_limit_per_sec",
-    "jwt_verifier.require_authentication",
-    "jwt_verifier.precheck",
-    "token.query_params",
-    "token.ticket_params",
-    "token.cookie",
-    "token.strip_from_upstream",
-    "topic.path_prefix",
-    "sse.heartbeat_interval_sec",
-    "sse.challenge_before_expiry_sec",
-    "sse.max_connection_sec",
-    "user_header",
+/// Every key the configuration accepts, section by section. The parser rejects any other key with
+/// this list in its message, and unit tests check README's config reference and docs/contract.md
+/// against it, so code and docs cannot drift.
+pub const SECTIONS: &[(&str, &[&str])] = &[
+    (
+        "jwt_verifier",
+        &[
+            "webhook_url",
+            "webhook_cluster",
+            "timeout_ms",
+            "retry_attempts",
+            "cache_ttl_sec",
+            "cache_max_size",
+            "circuit_breaker_threshold",
+            "circuit_breaker_timeout_sec",
+            "rate_limit_per_sec",
+            "require_authentication",
+            "precheck",
+        ],
+    ),
+    ("token", &["query_params", "ticket_params", "cookie", "strip_from_upstream"]),
+    ("topic", &["path_prefix"]),
+    ("sse", &["heartbeat_interval_sec", "challenge_before_expiry_sec", "max_connection_sec"]),
 ];
+
+/// Keys of the top level that are not sections.
+pub const TOP_LEVEL: &[&str] = &["user_header"];
+
+/// Every key as a dotted path (`jwt_verifier.timeout_ms`, ..., `user_header`).
+pub fn known_keys() -> Vec<String> {
+    let mut keys: Vec<String> = SECTIONS
+        .iter()
+        .flat_map(|(section, names)| names.iter().map(move |n| format!("{section}.{n}")))
+        .collect();
+    keys.extend(TOP_LEVEL.iter().map(|k| k.to_string()));
+    keys
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -205,6 +218,14 @@ impl<'a> Section<'a> {
         self.map.and_then(|m| m.get(name)).filter(|v| !v.is_null())
     }
 
+    /// The section `name` of the top level, checked for unknown keys against `SECTIONS`.
+    fn section(&self, name: &'a str) -> Result<Section<'a>, ConfigError> {
+        let section = Section::new(name, self.get(name))?;
+        let allowed = SECTIONS.iter().find(|(n, _)| *n == name).map_or(&[][..], |(_, keys)| *keys);
+        section.reject_unknown(allowed)?;
+        Ok(section)
+    }
+
     fn reject_unknown(&self, allowed: &[&str]) -> Result<(), ConfigError> {
         if let Some(map) = self.map {
             if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -346,22 +367,11 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
             .or_else(|e| err("configuration", format_args!("is not valid JSON: {e}")))?
     };
     let top = Section::new("", Some(&root)).or_else(|_| err("configuration", "must be a JSON object"))?;
-    top.reject_unknown(&["jwt_verifier", "token", "topic", "sse", "user_header"])?;
+    let top_keys: Vec<&str> =
+        SECTIONS.iter().map(|(name, _)| *name).chain(TOP_LEVEL.iter().copied()).collect();
+    top.reject_unknown(&top_keys)?;
 
-    let jv = Section::new("jwt_verifier", top.get("jwt_verifier"))?;
-    jv.reject_unknown(&[
-        "webhook_url",
-        "webhook_cluster",
-        "timeout_ms",
-        "retry_attempts",
-        "cache_ttl_sec",
-        "cache_max_size",
-        "circuit_breaker_threshold",
-        "circuit_breaker_timeout_sec",
-        "rate_limit_per_sec",
-        "require_authentication",
-        "precheck",
-    ])?;
+    let jv = top.section("jwt_verifier")?;
     let webhook_url = jv.string("webhook_url", "")?;
     let webhook_cluster = jv.string("webhook_cluster", "")?;
     let require_authentication = jv.boolean("require_authentication", true)?;
@@ -405,8 +415,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         precheck: jv.boolean("precheck", true)?,
     };
 
-    let tk = Section::new("token", top.get("token"))?;
-    tk.reject_unknown(&["query_params", "ticket_params", "cookie", "strip_from_upstream"])?;
+    let tk = top.section("token")?;
     let cookie = tk.string("cookie", "revenprox_token")?;
     if !is_cookie_name(&cookie) {
         return err("token.cookie", format_args!("{cookie:?} is not a valid cookie name"));
@@ -421,8 +430,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         return err("token.ticket_params", format_args!("{dup:?} is also listed in token.query_params"));
     }
 
-    let tp = Section::new("topic", top.get("topic"))?;
-    tp.reject_unknown(&["path_prefix"])?;
+    let tp = top.section("topic")?;
     let path_prefix = tp.string("path_prefix", "/events/")?;
     if !(path_prefix.starts_with('/') && path_prefix.ends_with('/'))
         || path_prefix.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#')
@@ -433,8 +441,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         );
     }
 
-    let ss = Section::new("sse", top.get("sse"))?;
-    ss.reject_unknown(&["heartbeat_interval_sec", "challenge_before_expiry_sec", "max_connection_sec"])?;
+    let ss = top.section("sse")?;
     let sse = SseConfig {
         heartbeat_interval_sec: ss.uint("heartbeat_interval_sec", 15, 1, 3_600)?,
         challenge_before_expiry_sec: ss.uint("challenge_before_expiry_sec", 30, 0, MAX_TTL_SEC)?,
@@ -667,11 +674,12 @@ mod tests {
         let start = readme.find("<!-- config-reference").unwrap();
         let end = readme.find("<!-- /config-reference -->").unwrap();
         let table = &readme[start..end];
-        for key in KNOWN_KEYS {
+        let known = known_keys();
+        for key in &known {
             assert!(table.contains(&format!("| `{key}` |")), "README config reference lacks {key}");
         }
         let documented = table.lines().filter(|l| l.starts_with("| `")).count();
-        assert_eq!(documented, KNOWN_KEYS.len(), "README documents keys the parser does not know");
+        assert_eq!(documented, known.len(), "README documents keys the parser does not know");
     }
 
     #[test]
@@ -688,10 +696,10 @@ mod tests {
                 None => keys.push(section.clone()),
             }
         }
-        let mut known: Vec<String> = KNOWN_KEYS.iter().map(|k| k.to_string()).collect();
+        let mut known = known_keys();
         keys.sort();
         known.sort();
-        assert_eq!(keys, known, "docs/contract.md's configuration differs from KNOWN_KEYS");
+        assert_eq!(keys, known, "docs/contract.md's configuration differs from SECTIONS");
         // ...and with the example's values (defaults, plus the webhook) it is the default config.
         assert_eq!(parse_str(&doc[start..end]).unwrap(), parse_str(MIN).unwrap());
     }
@@ -699,7 +707,8 @@ mod tests {
     #[test]
     fn known_keys_match_the_parser() {
         // Every documented key is accepted...
-        for key in KNOWN_KEYS {
+        for key in known_keys() {
+            let key = key.as_str();
             let (section, name) = key.split_once('.').unwrap_or(("", key));
             let value = if name.ends_with("_params") {
                 "[\"p\"]".to_string()

@@ -1,14 +1,14 @@
 //! `config::parse` on arbitrary bytes and on structured documents over the known keys.
 //!
 //! Properties: no panic; an error is one line that starts with `<key path>: `, where the key path
-//! is `configuration`, a section, a KNOWN_KEYS entry, or an unknown key the document really has;
+//! is `configuration`, a section, a `known_keys()` entry, or an unknown key the document really has;
 //! an accepted configuration satisfies every documented constraint and survives a round trip
 //! (rendered back to JSON, it parses to the same value).
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use revenprox::config::{self, Config, KNOWN_KEYS};
+use revenprox::config::{self, known_keys, Config};
 use serde_json::{json, Value};
 
 #[derive(Arbitrary, Debug)]
@@ -57,8 +57,9 @@ fn document(base: bool, keys: &[(u8, J)], unknown: &Option<(u8, String)>) -> Val
     } else {
         json!({})
     };
+    let known = known_keys();
     for (i, v) in keys {
-        let key = KNOWN_KEYS[usize::from(*i) % KNOWN_KEYS.len()];
+        let key = known[usize::from(*i) % known.len()].as_str();
         match key.split_once('.') {
             Some((section, name)) => {
                 if !doc[section].is_object() {
@@ -85,8 +86,8 @@ fn document(base: bool, keys: &[(u8, J)], unknown: &Option<(u8, String)>) -> Val
 
 /// Every key path an error may name for this input.
 fn nameable(raw: &[u8]) -> Vec<String> {
-    let mut out: Vec<String> =
-        ["configuration"].iter().chain(&SECTIONS).chain(KNOWN_KEYS).map(|s| s.to_string()).collect();
+    let mut out: Vec<String> = ["configuration"].iter().chain(&SECTIONS).map(|s| s.to_string()).collect();
+    out.extend(known_keys());
     if let Ok(Value::Object(top)) = serde_json::from_slice::<Value>(raw) {
         for (k, v) in &top {
             // Unknown keys are named escaped (`escape_debug`), so that the error stays one line.
