@@ -10,3 +10,5 @@ pub mod logline;
 pub mod resilience;
 pub mod shared;
 pub mod sse;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;

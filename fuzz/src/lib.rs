@@ -247,83 +247,11 @@ pub mod reference {
         output
     }
 
-    // ---- SSE (WHATWG HTML, "Interpreting an event stream") ----
+    // ---- SSE: the core's test kit holds the one reference interpreter ----
 
-    /// Lines of a whole stream: (content start, content end, end after terminator) of each line
-    /// that has a terminator (CRLF, LF or CR; the end of the stream ends a final CR).
-    pub fn sse_lines(s: &[u8]) -> Vec<(usize, usize, usize)> {
-        let mut lines = Vec::new();
-        let (mut start, mut i) = (0, 0);
-        while i < s.len() {
-            let end = match (s[i], s.get(i + 1)) {
-                (b'\r', Some(b'\n')) => i + 2,
-                (b'\r' | b'\n', _) => i + 1,
-                _ => {
-                    i += 1;
-                    continue;
-                }
-            };
-            lines.push((start, i, end));
-            start = end;
-            i = end;
-        }
-        lines
-    }
-
-    /// Event boundaries: the start, and the end of every blank line.
-    pub fn sse_boundaries(s: &[u8]) -> Vec<usize> {
-        let mut b = vec![0];
-        b.extend(sse_lines(s).into_iter().filter(|&(cs, ce, _)| cs == ce).map(|(_, _, end)| end));
-        b
-    }
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct Event {
-        pub kind: Vec<u8>,
-        pub data: Vec<u8>,
-        pub id: Vec<u8>,
-    }
-
-    /// Dispatched events of a whole stream, and its comment lines.
-    pub fn sse_decode(s: &[u8]) -> (Vec<Event>, Vec<Vec<u8>>) {
-        let s = s.strip_prefix("\u{feff}".as_bytes()).unwrap_or(s);
-        let (mut events, mut comments) = (Vec::new(), Vec::new());
-        let (mut kind, mut data, mut id) = (Vec::new(), Vec::new(), Vec::new());
-        for (cs, ce, _) in sse_lines(s) {
-            let line = &s[cs..ce];
-            if line.is_empty() {
-                if !data.is_empty() {
-                    data.pop();
-                    let k = if kind.is_empty() { b"message".to_vec() } else { kind.clone() };
-                    events.push(Event { kind: k, data: data.clone(), id: id.clone() });
-                }
-                kind.clear();
-                data.clear();
-                continue;
-            }
-            if line[0] == b':' {
-                comments.push(line.to_vec());
-                continue;
-            }
-            let (field, val) = match line.iter().position(|&b| b == b':') {
-                Some(p) => {
-                    let v = &line[p + 1..];
-                    (&line[..p], v.strip_prefix(b" ").unwrap_or(v))
-                }
-                None => (line, &b""[..]),
-            };
-            match field {
-                b"event" => kind = val.to_vec(),
-                b"data" => {
-                    data.extend_from_slice(val);
-                    data.push(b'\n');
-                }
-                b"id" if !val.contains(&0) => id = val.to_vec(),
-                _ => {}
-            }
-        }
-        (events, comments)
-    }
+    pub use revenprox::testkit::sse::{
+        boundaries as sse_boundaries, decode as sse_decode, lines as sse_lines, Event,
+    };
 
     #[cfg(test)]
     mod tests {
@@ -363,16 +291,6 @@ pub mod reference {
             assert_eq!(normalize_path("/events/news/..;x/secret", false, true), "/events/secret");
             assert_eq!(normalize_path("/events/news;x/a", false, true), "/events/news/a");
             assert_eq!(normalize_path("/events/news", false, false), "/events/news");
-        }
-
-        #[test]
-        fn sse_reference() {
-            let (ev, comments) =
-                sse_decode(b"\xef\xbb\xbfid: 7\r\nevent: e\rdata: a\ndata:b\n: c\n\ndata: x\n\n");
-            assert_eq!(ev.len(), 2);
-            assert_eq!(ev[0].data, b"a\nb");
-            assert_eq!(comments, vec![b": c".to_vec()]);
-            assert_eq!(sse_boundaries(b"a\r\n\r\nb\r\rc\n"), [0, 5, 8]);
         }
     }
 }

@@ -285,35 +285,20 @@ mod tests {
 
     // ---- property test against reference parsers ----
 
-    /// splitmix64: deterministic, so a failure reproduces from its seed.
-    struct Rng(u64);
+    use crate::testkit::sse::{boundaries as ref_boundaries, decode as ref_decode, Event};
+    use crate::testkit::Rng;
 
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn percent(&mut self, p: usize) -> bool {
-            self.below(100) < p
-        }
-        fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-            xs[self.below(xs.len())]
-        }
+    fn decode(s: &[u8]) -> Vec<Event> {
+        ref_decode(s).0
     }
 
     fn value(rng: &mut Rng) -> String {
         let n = rng.below(6);
-        (0..n).map(|_| rng.pick(&["a", "b", " ", ":", "é", "{}", "1", "\u{feff}"])).collect()
+        (0..n).map(|_| *rng.pick(&["a", "b", " ", ":", "é", "{}", "1", "\u{feff}"]).unwrap_or(&"a")).collect()
     }
 
     fn eol(rng: &mut Rng) -> &'static str {
-        ["\n", "\r", "\r\n"][rng.below(3)]
+        ["\n", "\r", "\r\n"][rng.index(3)]
     }
 
     /// A random SSE stream: events of fields and comments with mixed line endings, stray blank
@@ -367,7 +352,7 @@ mod tests {
             0 => vec![],
             1 => (1..s.len()).collect(),
             2 => {
-                let p = [3, 20, 50][rng.below(3)];
+                let p = [3, 20, 50][rng.index(3)];
                 (0..=s.len()).filter(|_| rng.percent(p)).collect()
             }
             _ => (0..s.len()).filter(|&i| s[i] == b'\r' || rng.percent(5)).map(|i| i + 1).collect(),
@@ -382,94 +367,6 @@ mod tests {
                 n
             })
             .collect()
-    }
-
-    /// Reference line splitter over a whole stream (its end is the end: a final CR is a complete
-    /// terminator): (content start, content end, end after terminator) of each terminated line.
-    fn ref_lines(s: &[u8]) -> Vec<(usize, usize, usize)> {
-        let mut lines = Vec::new();
-        let (mut start, mut i) = (0, 0);
-        while i < s.len() {
-            let end = match (s[i], s.get(i + 1)) {
-                (b'\r', Some(b'\n')) => i + 2,
-                (b'\r' | b'\n', _) => i + 1,
-                _ => {
-                    i += 1;
-                    continue;
-                }
-            };
-            lines.push((start, i, end));
-            start = end;
-            i = end;
-        }
-        lines
-    }
-
-    /// Event boundaries of a whole stream: its start, and the end of each blank line.
-    fn ref_boundaries(s: &[u8]) -> Vec<usize> {
-        let mut b = vec![0];
-        b.extend(ref_lines(s).into_iter().filter(|&(cs, ce, _)| cs == ce).map(|(_, _, end)| end));
-        b
-    }
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    struct Event {
-        kind: Vec<u8>,
-        data: Vec<u8>,
-        id: Vec<u8>,
-    }
-
-    /// Reference WHATWG event-stream interpreter (on bytes; UTF-8 decoding changes nothing here).
-    fn decode(s: &[u8]) -> Vec<Event> {
-        let s = s.strip_prefix("\u{feff}".as_bytes()).unwrap_or(s);
-        let (mut events, mut kind, mut data, mut id) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (cs, ce, _) in ref_lines(s) {
-            let line = &s[cs..ce];
-            if line.is_empty() {
-                if !data.is_empty() {
-                    data.pop();
-                    let k = if kind.is_empty() { b"message".to_vec() } else { kind.clone() };
-                    events.push(Event { kind: k, data: data.clone(), id: id.clone() });
-                }
-                kind.clear();
-                data.clear();
-                continue;
-            }
-            if line[0] == b':' {
-                continue;
-            }
-            let (field, val) = match line.iter().position(|&b| b == b':') {
-                Some(p) => {
-                    let v = &line[p + 1..];
-                    (&line[..p], v.strip_prefix(b" ").unwrap_or(v))
-                }
-                None => (line, &b""[..]),
-            };
-            match field {
-                b"event" => kind = val.to_vec(),
-                b"data" => {
-                    data.extend_from_slice(val);
-                    data.push(b'\n');
-                }
-                b"id" if !val.contains(&0) => id = val.to_vec(),
-                _ => {}
-            }
-        }
-        events
-    }
-
-    #[test]
-    fn reference_decoder_sanity() {
-        let s = b"\xef\xbb\xbfid: 7\r\nevent: e\rdata: a\ndata:b\n: c\n\ndata: x\n\nretry: 5\n\ndata";
-        let ev = decode(s);
-        assert_eq!(
-            ev,
-            [
-                Event { kind: b"e".to_vec(), data: b"a\nb".to_vec(), id: b"7".to_vec() },
-                Event { kind: b"message".to_vec(), data: b"x".to_vec(), id: b"7".to_vec() },
-            ]
-        );
-        assert_eq!(ref_boundaries(b"a\r\n\r\nb\r\rc\n"), [0, 5, 8]);
     }
 
     #[test]
@@ -559,13 +456,8 @@ mod tests {
     #[test]
     fn advance_over_the_tail_ends_like_feed_over_the_chunk() {
         let alphabet = [b'a', b':', b' ', b'\r', b'\n', b'd'];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut next = || rng.next_u64();
         let mut compared = 0;
         for _ in 0..20_000 {
             let len = (next() % 40) as usize;

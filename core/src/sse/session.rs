@@ -456,13 +456,8 @@ mod tests {
     /// the moment `due()` becomes `Some`, and is exact: `due()` is `Some` at the deadline.
     #[test]
     fn next_deadline_never_later_than_due() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rng = crate::testkit::Rng(0x2545_f491_4f6c_dd1d);
+        let mut rand = move |n: u64| rng.below(n);
         let configs = [cfg(15, 30, 900), cfg(1, 0, 300), cfg(7, 120, 1_200), cfg(60, 5, 90), cfg(3, 3, 400)];
         let mut checked = 0u64;
         let mut seen = [0u64; 4];
