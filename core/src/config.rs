@@ -29,7 +29,16 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
     ),
     ("token", &["query_params", "ticket_params", "cookie", "strip_from_upstream"]),
     ("topic", &["path_prefix"]),
-    ("sse", &["heartbeat_interval_sec", "challenge_before_expiry_sec", "max_connection_sec"]),
+    (
+        "sse",
+        &[
+            "heartbeat_interval_sec",
+            "challenge_before_expiry_sec",
+            "max_connection_sec",
+            "reverify_interval_sec",
+            "max_streams_per_user",
+        ],
+    ),
 ];
 
 /// Keys of the top level that are not sections.
@@ -97,6 +106,10 @@ pub struct SseConfig {
     pub heartbeat_interval_sec: u64,
     pub challenge_before_expiry_sec: u64,
     pub max_connection_sec: u64,
+    /// Open streams are verified again at least this often (0: never).
+    pub reverify_interval_sec: u64,
+    /// Open streams one user may have in this Envoy (0: no limit).
+    pub max_streams_per_user: u32,
 }
 
 impl VerifierConfig {
@@ -446,6 +459,8 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         heartbeat_interval_sec: ss.uint("heartbeat_interval_sec", 15, 1, 3_600)?,
         challenge_before_expiry_sec: ss.uint("challenge_before_expiry_sec", 30, 0, MAX_TTL_SEC)?,
         max_connection_sec: ss.uint("max_connection_sec", 3_600, 1, MAX_DURATION_SEC)?,
+        reverify_interval_sec: ss.uint("reverify_interval_sec", 300, 0, MAX_TTL_SEC)?,
+        max_streams_per_user: ss.uint32("max_streams_per_user", 0, 0, 1_000_000)?,
     };
 
     let user_header = top.string("user_header", "x-revenprox-user")?.to_ascii_lowercase();

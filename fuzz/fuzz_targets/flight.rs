@@ -387,7 +387,7 @@ fuzz_target!(|x: Input| {
     });
     let cfg = config::parse(json.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
     let mut h = Host {
-        engine: Engine::new(cfg, MemStore::new(), ROOT, true, true, T0),
+        engine: Engine::new(cfg, MemStore::new(), ROOT, 7, true, true, T0),
         now: T0,
         tick_ms: 0,
         streams: HashMap::new(),

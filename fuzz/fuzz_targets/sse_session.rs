@@ -39,6 +39,8 @@ fuzz_target!(|x: Input| {
         heartbeat_interval_sec: x.heartbeat,
         challenge_before_expiry_sec: x.challenge,
         max_connection_sec: x.max,
+        reverify_interval_sec: 0,
+        max_streams_per_user: 0,
     };
     let mut s = Session::new(&cfg, x.opened_ms, x.expires_at);
     let max_deadline = x.opened_ms.saturating_add(x.max.saturating_mul(1000));

@@ -78,6 +78,7 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
+    fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
     fn proxy_set_tick_period_milliseconds(period: u32) -> Status;
 }
@@ -284,6 +285,13 @@ pub fn dequeue(queue: u32) -> Result<Option<Vec<u8>>, Status> {
 pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
     // SAFETY: plain call without pointers.
     check(unsafe { proxy_increment_metric(id, offset) })
+}
+
+/// A metric's current value (for a counter: the Envoy-wide total).
+pub fn get_metric(id: u32) -> Result<u64, Status> {
+    let mut value: u64 = 0;
+    // SAFETY: the host writes a u64 to the pointer on Ok.
+    check(unsafe { proxy_get_metric(id, &mut value) }).map(|()| value)
 }
 
 pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {

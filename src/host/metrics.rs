@@ -46,7 +46,7 @@ impl MetricIds {
         }
     }
 
-    fn id(&self, metric: revenprox_core::engine::metrics::Metric) -> Option<u32> {
+    pub fn id(&self, metric: revenprox_core::engine::metrics::Metric) -> Option<u32> {
         self.ids.get(metric as usize).copied().flatten()
     }
 }

@@ -11,18 +11,24 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 use revenprox_core::auth::verdict::MAX_BODY;
 use revenprox_core::config;
+use revenprox_core::engine::metrics::Metric;
 use revenprox_core::engine::{Engine, Flow, Level};
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// Registers this VM's release queue under a name no other VM uses (a queue is delivered to the
-/// last context that registered its name, so names must not collide across workers). The name is
-/// random (WASI `random_get` seeds `RandomState`), which needs no shared counter and no CAS.
-fn register_release_queue() -> Option<u32> {
+/// A random number (WASI `random_get` seeds `RandomState`): ids that must differ between the
+/// worker VMs of one Envoy without a shared counter or a CAS.
+fn random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(now_ms());
-    let name = format!("revenprox.release.{:016x}", h.finish());
+    h.finish()
+}
+
+/// Registers this VM's release queue under a name no other VM uses (a queue is delivered to the
+/// last context that registered its name, so names must not collide across workers).
+fn register_release_queue() -> Option<u32> {
+    let name = format!("revenprox.release.{:016x}", random());
     match hostcalls::register_shared_queue(&name) {
         Ok(id) => Some(id),
         Err(status) => {
@@ -97,8 +103,11 @@ impl RootContext for Root {
         let debug = matches!(hostcalls::get_log_level(), Ok(LogLevel::Trace | LogLevel::Debug));
         let queue = register_release_queue();
         let now = now_ms();
-        let engine = Engine::new(cfg, HostStore, self.id, queue.is_some(), debug, now);
-        let worker = Rc::new(Worker { engine: RefCell::new(engine), metrics: MetricIds::define(), queue });
+        let metrics = MetricIds::define();
+        let store = HostStore { revocations: metrics.id(Metric::Revocations) };
+        let worker_id = u32::try_from(random() >> 32).unwrap_or(0);
+        let engine = Engine::new(cfg, store, self.id, worker_id, queue.is_some(), debug, now);
+        let worker = Rc::new(Worker { engine: RefCell::new(engine), metrics, queue });
         apply::run(&worker, self.id, Flow::Continue, now);
         self.worker = Some(worker);
         true

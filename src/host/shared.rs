@@ -6,8 +6,12 @@ use super::abi;
 use proxy_wasm::types::Status;
 use revenprox_core::shared::{SetError, SharedStore};
 
-/// Proxy-wasm shared data (no state of its own).
-pub struct HostStore;
+/// Proxy-wasm shared data, and the `revenprox_revocations` counter as the Envoy-wide revocation
+/// count (a stat is shared by every worker VM, and reading it returns a number without the
+/// allocation round trip a shared-data read costs).
+pub struct HostStore {
+    pub revocations: Option<u32>,
+}
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
@@ -19,6 +23,16 @@ impl SharedStore for HostStore {
             Ok(()) => Ok(()),
             Err(Status::CasMismatch) => Err(SetError::CasMismatch),
             Err(_) => Err(SetError::Refused),
+        }
+    }
+
+    fn revocations(&self) -> u64 {
+        self.revocations.and_then(|id| abi::get_metric(id).ok()).unwrap_or(0)
+    }
+
+    fn revoke(&mut self) {
+        if let Some(id) = self.revocations {
+            let _ = abi::increment_metric(id, 1);
         }
     }
 }

@@ -11,17 +11,20 @@ pub enum Code {
     /// A challenge response whose user has no open stream on that topic in this Envoy.
     UserMismatch,
     RateLimited,
+    /// The user already has `sse.max_streams_per_user` streams open in this Envoy.
+    TooManyStreams,
     AuthUnavailable,
 }
 
 impl Code {
-    pub const ALL: [Code; 7] = [
+    pub const ALL: [Code; 8] = [
         Code::MissingToken,
         Code::MalformedAuthorization,
         Code::InvalidToken,
         Code::NoTopic,
         Code::UserMismatch,
         Code::RateLimited,
+        Code::TooManyStreams,
         Code::AuthUnavailable,
     ];
 
@@ -33,6 +36,7 @@ impl Code {
             Code::NoTopic => "no_topic",
             Code::UserMismatch => "user_mismatch",
             Code::RateLimited => "rate_limited",
+            Code::TooManyStreams => "too_many_streams",
             Code::AuthUnavailable => "auth_unavailable",
         }
     }
@@ -42,7 +46,7 @@ impl Code {
             Code::MissingToken | Code::MalformedAuthorization | Code::InvalidToken => 401,
             Code::UserMismatch => 403,
             Code::NoTopic => 404,
-            Code::RateLimited => 429,
+            Code::RateLimited | Code::TooManyStreams => 429,
             Code::AuthUnavailable => 503,
         }
     }
@@ -59,7 +63,7 @@ pub struct Reply {
 impl Reply {
     pub fn new(code: Code, message: &'static str) -> Reply {
         let retry_after = match code {
-            Code::RateLimited | Code::AuthUnavailable => Some(1),
+            Code::RateLimited | Code::TooManyStreams | Code::AuthUnavailable => Some(1),
             _ => None,
         };
         Reply { code, message, retry_after }

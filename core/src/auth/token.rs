@@ -34,6 +34,18 @@ pub struct Credential {
     pub channel: Channel,
 }
 
+impl Credential {
+    /// A credential known from an earlier request (a stream's refresh), whose channel no longer
+    /// matters.
+    pub fn refreshed(value: String, kind: Kind) -> Credential {
+        let channel = match kind {
+            Kind::Jwt => Channel::Header,
+            Kind::Ticket => Channel::Ticket,
+        };
+        Credential { value, kind, channel }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenError {
     /// No channel carries a credential.

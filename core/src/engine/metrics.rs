@@ -24,6 +24,7 @@ pub enum Metric {
     DeniedNoTopic,
     DeniedUserMismatch,
     DeniedRateLimited,
+    DeniedTooManyStreams,
     DeniedAuthUnavailable,
     CacheHits,
     CacheMisses,
@@ -46,9 +47,14 @@ pub enum Metric {
     ChallengesSent,
     Reauthorizations,
     StreamsExpired,
+    Reverifications,
+    ReverifyFailures,
+    StreamsRevoked,
+    Revocations,
+    PresenceFull,
 }
 
-pub const ALL: [Metric; 30] = [
+pub const ALL: [Metric; 36] = [
     Metric::Requests,
     Metric::Allowed,
     Metric::DeniedMissingToken,
@@ -57,6 +63,7 @@ pub const ALL: [Metric; 30] = [
     Metric::DeniedNoTopic,
     Metric::DeniedUserMismatch,
     Metric::DeniedRateLimited,
+    Metric::DeniedTooManyStreams,
     Metric::DeniedAuthUnavailable,
     Metric::CacheHits,
     Metric::CacheMisses,
@@ -79,6 +86,11 @@ pub const ALL: [Metric; 30] = [
     Metric::ChallengesSent,
     Metric::Reauthorizations,
     Metric::StreamsExpired,
+    Metric::Reverifications,
+    Metric::ReverifyFailures,
+    Metric::StreamsRevoked,
+    Metric::Revocations,
+    Metric::PresenceFull,
 ];
 
 impl Metric {
@@ -92,6 +104,7 @@ impl Metric {
             Metric::DeniedNoTopic => "revenprox_denied_no_topic",
             Metric::DeniedUserMismatch => "revenprox_denied_user_mismatch",
             Metric::DeniedRateLimited => "revenprox_denied_rate_limited",
+            Metric::DeniedTooManyStreams => "revenprox_denied_too_many_streams",
             Metric::DeniedAuthUnavailable => "revenprox_denied_auth_unavailable",
             Metric::CacheHits => "revenprox_cache_hits",
             Metric::CacheMisses => "revenprox_cache_misses",
@@ -114,6 +127,11 @@ impl Metric {
             Metric::ChallengesSent => "revenprox_challenges_sent",
             Metric::Reauthorizations => "revenprox_reauthorizations",
             Metric::StreamsExpired => "revenprox_streams_expired",
+            Metric::Reverifications => "revenprox_reverifications",
+            Metric::ReverifyFailures => "revenprox_reverify_failures",
+            Metric::StreamsRevoked => "revenprox_streams_revoked",
+            Metric::Revocations => "revenprox_revocations",
+            Metric::PresenceFull => "revenprox_presence_full",
         }
     }
 
@@ -134,6 +152,7 @@ impl Metric {
             Code::NoTopic => Metric::DeniedNoTopic,
             Code::UserMismatch => Metric::DeniedUserMismatch,
             Code::RateLimited => Metric::DeniedRateLimited,
+            Code::TooManyStreams => Metric::DeniedTooManyStreams,
             Code::AuthUnavailable => Metric::DeniedAuthUnavailable,
         }
     }
@@ -162,11 +181,17 @@ pub enum Update {
 
 /// Metric changes since the host last drained them: counter and gauge deltas summed per metric,
 /// gauge values and histogram samples in order.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Tally {
     deltas: [i64; ALL.len()],
     dirty: bool,
     other: Vec<Update>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally { deltas: [0; ALL.len()], dirty: false, other: Vec::new() }
+    }
 }
 
 impl Tally {

@@ -20,11 +20,12 @@ pub use streams::ChunkReader;
 use crate::auth::gate::{self, Step};
 use crate::auth::reply::{Code, Reply};
 use crate::config::Config;
+use crate::resilience::flight::Purpose;
 use crate::shared::{self, SharedStore};
-use crate::sse::registry;
+use crate::sse::{presence, refresh};
 use metrics::{Metric, Tally, Update};
-use streams::{Identity, Streams};
-use verifier::{Allowed, Started, Verifier};
+use streams::{Identity, Reverify, Streams};
+use verifier::{Finished, Started, Verdicted, Verifier};
 
 /// Timer granularity: calls and injections are never early, and at most this late.
 pub const MIN_TICK_MS: u64 = 20;
@@ -75,14 +76,23 @@ pub struct Engine<S> {
 }
 
 impl<S: SharedStore> Engine<S> {
-    /// A worker's engine. `queue`: the host could give the worker a release queue (without one,
-    /// chunks cannot be held and injections ride on upstream chunks only). `debug`: emit the
-    /// debug-level activity lines (one per refusal, injection, re-authorization).
-    pub fn new(cfg: Config, mut store: S, root: Ctx, queue: bool, debug: bool, now_ms: u64) -> Engine<S> {
+    /// A worker's engine. `worker`: this worker's id among the Envoy's workers (random: it only
+    /// has to differ from the others'). `queue`: the host could give the worker a release queue
+    /// (without one, chunks cannot be held and injections ride on upstream chunks only). `debug`:
+    /// emit the debug-level activity lines (one per refusal, injection, re-authorization).
+    pub fn new(
+        cfg: Config,
+        mut store: S,
+        root: Ctx,
+        worker: u32,
+        queue: bool,
+        debug: bool,
+        now_ms: u64,
+    ) -> Engine<S> {
         shared::init(&mut store, cfg.verifier.rate_limit_per_sec, now_ms);
         Engine {
             verifier: Verifier::new(&cfg),
-            streams: Streams::new(queue),
+            streams: Streams::new(queue, worker),
             cfg,
             store,
             root,
@@ -145,8 +155,8 @@ impl<S: SharedStore> Engine<S> {
     /// A webhook answer arrived (`status` from `:status`, `None` when the host gave no headers).
     pub fn call_answered(&mut self, token: u32, status: Option<u32>, body: &[u8], now_ms: u64) {
         let (mut io, verifier, streams) = self.io(now_ms);
-        let allowed = verifier.answered(&mut io, token, status, body);
-        deliver_all(&mut io, streams, allowed);
+        let finished = verifier.answered(&mut io, token, status, body);
+        deliver_all(&mut io, streams, finished);
         self.reschedule(now_ms);
     }
 
@@ -182,9 +192,10 @@ impl<S: SharedStore> Engine<S> {
     pub fn tick(&mut self, now_ms: u64) {
         let root = self.root;
         let (mut io, verifier, streams) = self.io(now_ms);
-        let allowed = verifier.tick(&mut io, root);
-        deliver_all(&mut io, streams, allowed);
-        streams.tick(&mut io);
+        let finished = verifier.tick(&mut io, root);
+        deliver_all(&mut io, streams, finished);
+        let reverify = streams.tick(&mut io);
+        start_reverifications(&mut io, verifier, streams, root, reverify);
         self.reschedule(now_ms);
     }
 
@@ -203,8 +214,8 @@ impl<S: SharedStore> Engine<S> {
         let (mut io, verifier, streams) = self.io(now_ms);
         let flow = match receipt {
             Receipt::Dispatched { key, from, token } => {
-                let allowed = verifier.dispatched(&mut io, key, from, token);
-                deliver_all(&mut io, streams, allowed);
+                let finished = verifier.dispatched(&mut io, key, from, token);
+                deliver_all(&mut io, streams, finished);
                 None
             }
             Receipt::Written { ctx } => {
@@ -303,68 +314,131 @@ fn request<S: SharedStore + ?Sized>(
             io.tally.inc(Metric::Allowed);
             Flow::Continue
         }
-        Step::Verify(v) => match verifier.begin(io, ctx, v) {
-            Started::Allowed(allowed) => deliver(io, streams, allowed, true),
-            Started::Pending => Flow::Pause,
-        },
+        Step::Verify(v) => {
+            let purpose = if v.reauth { Purpose::Refresh } else { Purpose::Forward };
+            match verifier.begin(io, ctx, ctx, v, purpose) {
+                Started::Done(finished) => deliver(io, streams, finished, Some(ctx)),
+                Started::Pending => Flow::Pause,
+            }
+        }
     }
 }
 
-fn deliver_all<S: SharedStore + ?Sized>(io: &mut Io<S>, streams: &mut Streams, allowed: Vec<Allowed>) {
-    for a in allowed {
-        deliver(io, streams, a, false);
+/// Starts the re-verifications the streams asked for, from the root's timer.
+fn start_reverifications<S: SharedStore + ?Sized>(
+    io: &mut Io<S>,
+    verifier: &mut Verifier,
+    streams: &mut Streams,
+    root: Ctx,
+    due: Vec<Reverify>,
+) {
+    for r in due {
+        let v = gate::Verification {
+            cacheable: r.credential.kind == crate::auth::token::Kind::Jwt && io.cfg.verifier.cache_enabled(),
+            credential: r.credential,
+            topic_id: r.topic_id,
+            reauth: false,
+        };
+        if let Started::Done(finished) = verifier.begin(io, r.ctx, root, v, Purpose::Reverify) {
+            deliver(io, streams, finished, None);
+        }
     }
 }
 
-/// An allowed verification for one waiting request. A stream request gets its identity and goes
-/// upstream (resumed, unless `in_callback`: then its own callback continues); a challenge response is
-/// answered here: 204 when the user has an open stream on the topic (which then takes the new
-/// expiry), else 403.
+fn deliver_all<S: SharedStore + ?Sized>(io: &mut Io<S>, streams: &mut Streams, finished: Vec<Finished>) {
+    for f in finished {
+        deliver(io, streams, f, None);
+    }
+}
+
+/// A verdict for every stream that waited for it, by purpose. A request to forward gets its
+/// identity and goes upstream (resumed, unless its own callback is running: `in_callback`), or its
+/// refusal; a challenge response is answered here (204 when the user has an open stream on the
+/// topic, which then takes the new expiry, else 403); a re-verified stream goes on or ends. The
+/// flow is the one for `in_callback`'s request.
 fn deliver<S: SharedStore + ?Sized>(
     io: &mut Io<S>,
     streams: &mut Streams,
-    a: Allowed,
-    in_callback: bool,
+    f: Finished,
+    in_callback: Option<Ctx>,
 ) -> Flow {
-    let ctx = a.waiter.context_id;
-    let cfg = io.cfg;
+    let mut flow = Flow::Pause;
+    for w in &f.waiters {
+        let ctx = w.context_id;
+        match (w.purpose, &f.verdict) {
+            (Purpose::Reverify, verdict) => streams.reverified(io, ctx, &f.credential, verdict),
+            (_, verdict @ (Verdicted::Denied | Verdicted::Failed | Verdicted::Refused(_))) => {
+                if let Some(reply) = verdict.refusal() {
+                    io.reply(ctx, reply);
+                }
+            }
+            (Purpose::Forward, Verdicted::Allowed { user_id, expires_at }) => {
+                if io.cfg.sse.max_streams_per_user > 0 && !streams.reserve(io, ctx, user_id) {
+                    let reply =
+                        Reply::new(Code::TooManyStreams, "the user has too many open streams").retry_after(1);
+                    io.reply(ctx, reply);
+                    continue;
+                }
+                io.out.push(Effect::SetRequestHeader {
+                    ctx,
+                    name: io.cfg.user_header.clone(),
+                    value: user_id.clone().into_bytes(),
+                });
+                io.tally.inc(Metric::Allowed);
+                let identity = Identity {
+                    user_id: user_id.clone(),
+                    topic_id: f.topic_id.clone(),
+                    expires_at: *expires_at,
+                    credential: f.credential.clone(),
+                };
+                streams.allowed(ctx, identity);
+                if in_callback == Some(ctx) {
+                    flow = Flow::Continue;
+                } else {
+                    io.out.push(Effect::ResumeRequest { ctx });
+                }
+            }
+            (Purpose::Refresh, Verdicted::Allowed { user_id, expires_at }) => {
+                refresh_streams(io, streams, ctx, &f, user_id, *expires_at);
+            }
+        }
+    }
+    flow
+}
+
+/// An allowed challenge response: 204 when its user has an open stream on the topic in this Envoy
+/// (the streams on this worker take the refresh at once, the others from the refresh record),
+/// else 403.
+fn refresh_streams<S: SharedStore + ?Sized>(
+    io: &mut Io<S>,
+    streams: &mut Streams,
+    ctx: Ctx,
+    f: &Finished,
+    user_id: &str,
+    expires_at: u64,
+) {
     let now_ms = io.now_ms;
-    if !a.waiter.reauth {
-        io.out.push(Effect::SetRequestHeader {
-            ctx,
-            name: cfg.user_header.clone(),
-            value: a.user_id.clone().into_bytes(),
-        });
-        io.tally.inc(Metric::Allowed);
-        streams.allowed(ctx, Identity { user_id: a.user_id, topic_id: a.topic_id, expires_at: a.expires_at });
-        if in_callback {
-            return Flow::Continue;
-        }
-        io.out.push(Effect::ResumeRequest { ctx });
-        return Flow::Pause;
-    }
-    let key = registry::key(&a.user_id, &a.topic_id);
+    let key = presence::stream_key(user_id, &f.topic_id);
     // A stream on this worker opened so recently that no tick has registered it yet counts too.
-    let present = shared::registry_reauthorize(io.store, &key, a.expires_at, now_ms)
-        || (streams.has_local(&key) && {
-            shared::registry_touch(io.store, &key, now_ms);
-            shared::registry_reauthorize(io.store, &key, a.expires_at, now_ms)
-        });
-    if present {
-        streams.extend_local(&key, a.expires_at);
-        io.tally.inc(Metric::Reauthorizations);
-        if io.debug {
-            let line = format!(
-                "revenprox: re-authorized user={} topic={} until {}",
-                a.user_id, a.topic_id, a.expires_at
-            );
-            io.log(Level::Debug, line);
-        }
-        io.out.push(Effect::NoContent { ctx });
-    } else {
+    let present = streams.has_local(&key) || shared::presence_count(io.store, &key, now_ms) > 0;
+    if !present {
         io.reply(ctx, Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
+        return;
     }
-    Flow::Pause
+    let record = refresh::Entry {
+        key: refresh::key(user_id, &f.topic_id),
+        at_ms: now_ms,
+        expires_at,
+        credential: f.credential.clone(),
+    };
+    shared::refresh_put(io.store, &record, now_ms);
+    streams.refreshed(&key, &f.credential, expires_at, now_ms);
+    io.tally.inc(Metric::Reauthorizations);
+    if io.debug {
+        let line = format!("revenprox: re-authorized user={user_id} topic={} until {expires_at}", f.topic_id);
+        io.log(Level::Debug, line);
+    }
+    io.out.push(Effect::NoContent { ctx });
 }
 
 #[cfg(test)]

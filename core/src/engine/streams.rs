@@ -1,6 +1,6 @@
 //! SSE streams on one worker: every `text/event-stream` response of a verified (or development
 //! mode) request gets a session that injects heartbeats, the challenge and the final `expired`
-//! event, and takes the new expiry of a re-authorization.
+//! event, follows refreshes and re-verifies its credential.
 //!
 //! How bytes get into a live response (docs/envoy-host.md): Envoy only lets the filter write into
 //! a response body while it holds that body. So every upstream chunk is held (`Flow::Pause`) and
@@ -9,15 +9,24 @@
 //! it. Bodies over `HOLD_MAX` (floods) are not held: injections then wait for the next (small)
 //! chunk. Injections go only where `Framing` says an upstream event has ended; one due while an
 //! event is half through waits for the chunk that ends it and is spliced in right after that event.
+//!
+//! A stream's expiry comes only from its own credential's verdicts: the one it opened with, a
+//! refresh posted while it was open (on this worker at once, from another worker through the
+//! Envoy-wide refresh record at its next decision), and its re-verifications. Decisions are taken
+//! at fixed moments, never polled: the re-verification interval, once before each expiry (the
+//! server-side refresh: take a refresh made on another worker, else ask the webhook once more),
+//! and at the expiry itself.
 
 use super::effect::{Ctx, Effect, Flow, Level};
 use super::metrics::Metric;
+use super::verifier::Verdicted;
 use super::Io;
+use crate::auth::token::{Credential, Kind};
 use crate::config::Config;
 use crate::shared::{self, SharedStore};
 use crate::sse::framing::{self, Framing};
-use crate::sse::registry;
-use crate::sse::session::{Injection, Session};
+use crate::sse::session::{ExpiryReason, Injection, Session};
+use crate::sse::{presence, refresh};
 use std::collections::{HashMap, HashSet};
 
 /// Who a verified request belongs to, kept from the verdict until its response headers arrive.
@@ -26,6 +35,7 @@ pub struct Identity {
     pub user_id: String,
     pub topic_id: String,
     pub expires_at: u64,
+    pub credential: Credential,
 }
 
 /// Reads the response chunk being delivered (the host's body buffer).
@@ -34,11 +44,33 @@ pub trait ChunkReader {
     fn read(&mut self, start: usize, len: usize) -> Vec<u8>;
 }
 
+/// An authenticated stream's identity and credential.
+struct Auth {
+    user_id: String,
+    topic_id: String,
+    presence: presence::Key,
+    refresh: refresh::Key,
+    /// The credential the next re-verification sends: the one the stream opened with, or the last
+    /// refresh it took.
+    credential: Credential,
+    opened_ms: u64,
+    /// When the refresh the stream last took was posted (0: none).
+    refreshed_at_ms: u64,
+    /// Counted in the Envoy-wide presence table.
+    registered: bool,
+    /// When the credential was last verified, and when it is verified again.
+    verified_ms: u64,
+    verify_at_ms: Option<u64>,
+    /// A re-verification of this stream is in flight.
+    verifying: bool,
+    /// The expiry the pre-expiry check has run for.
+    checked_for: Option<u64>,
+}
+
 struct Live {
     session: Session,
     framing: Framing,
-    /// The stream's identity and its registry key (none in development mode).
-    identity: Option<(Identity, registry::Key)>,
+    auth: Option<Auth>,
     /// Due but waiting for the end of an upstream event.
     pending: Option<Injection>,
     pending_since_ms: u64,
@@ -48,7 +80,14 @@ struct Live {
     held: bool,
     /// `event: expired` went out; the stream is ended at this time (after the bytes are flushed).
     close_at_ms: Option<u64>,
-    presence_ms: u64,
+}
+
+/// A re-verification the engine must start (the verifier is not the streams' to call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reverify {
+    pub ctx: Ctx,
+    pub credential: Credential,
+    pub topic_id: String,
 }
 
 /// How long an `expired` event may wait for an upstream event to end before the stream is ended
@@ -66,16 +105,34 @@ const TAIL_BYTES: usize = 64;
 pub const HOLD_MAX: usize = 64 * 1024;
 /// Time given to an `expired` event to reach the client before the stream is reset.
 pub const CLOSE_DELAY_MS: u64 = 100;
-/// Streams inside this margin before their challenge look for a re-authorization every tick.
-const REAUTH_LOOKAHEAD_SEC: u64 = 5;
+
+/// How long before its expiry a stream that no refresh reached asks the webhook once more (the
+/// server-side refresh): half the challenge window, within 1 to 10 seconds, so that the client's
+/// own refresh (answering the challenge) usually comes first.
+pub fn server_refresh_lead_ms(cfg: &Config) -> u64 {
+    cfg.sse.challenge_before_expiry_sec.saturating_mul(500).clamp(1_000, 10_000)
+}
+
+/// When a stream verified at `verified_ms` is verified again: within the interval, spread over its
+/// last tenth by `spread` (so that streams opened together do not all ask at once), never later.
+fn next_verify_ms(cfg: &Config, verified_ms: u64, spread: u64) -> Option<u64> {
+    let interval = cfg.sse.reverify_interval_sec.saturating_mul(1000);
+    (interval > 0).then(|| verified_ms.saturating_add(interval - spread % (interval / 10 + 1)))
+}
 
 pub struct Streams {
     live: HashMap<Ctx, Live>,
     identities: HashMap<Ctx, Identity>,
+    /// Requests counted against their user's `max_streams_per_user`, until they end.
+    reserved: HashMap<Ctx, presence::Key>,
+    /// This worker's id in the presence table.
+    worker: u32,
     /// The worker has a release queue (else chunks cannot be held).
     queue: bool,
     /// Earliest time any session needs the timer.
     next_ms: Option<u64>,
+    /// When this worker's presence records are touched next.
+    touch_at_ms: u64,
 }
 
 fn is_event_stream(value: Option<&[u8]>) -> bool {
@@ -89,19 +146,32 @@ fn find<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
 }
 
-fn reauth_window_start_ms(cfg: &Config, live: &Live) -> Option<u64> {
-    live.identity.as_ref()?;
-    let exp = live.session.expires_at_sec()?;
-    Some(
-        exp.saturating_sub(cfg.sse.challenge_before_expiry_sec)
-            .saturating_sub(REAUTH_LOOKAHEAD_SEC)
-            .saturating_mul(1000),
-    )
+/// Takes the Envoy-wide refresh record of `auth`'s user and topic if it was posted while the stream
+/// was open, after the last refresh the stream took, and gives a later expiry.
+fn adopt_refresh<S: SharedStore + ?Sized>(io: &mut Io<S>, auth: &mut Auth, session: &mut Session) -> bool {
+    let Some(record) = shared::refresh_get(io.store, &auth.refresh, io.now_ms) else {
+        return false;
+    };
+    let newer = record.at_ms > auth.opened_ms && record.at_ms > auth.refreshed_at_ms;
+    if !newer || !session.extend(record.expires_at) {
+        return false;
+    }
+    auth.credential = record.credential;
+    auth.refreshed_at_ms = record.at_ms;
+    true
 }
 
 impl Streams {
-    pub fn new(queue: bool) -> Streams {
-        Streams { live: HashMap::new(), identities: HashMap::new(), queue, next_ms: None }
+    pub fn new(queue: bool, worker: u32) -> Streams {
+        Streams {
+            live: HashMap::new(),
+            identities: HashMap::new(),
+            reserved: HashMap::new(),
+            worker,
+            queue,
+            next_ms: None,
+            touch_at_ms: 0,
+        }
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {
@@ -118,6 +188,16 @@ impl Streams {
         self.identities.len()
     }
 
+    /// Requests counted against their user's stream limit.
+    pub fn reserved(&self) -> usize {
+        self.reserved.len()
+    }
+
+    /// The expiry of stream `ctx` (Unix seconds), for tests and invariants.
+    pub fn expires_at(&self, ctx: Ctx) -> Option<u64> {
+        self.live.get(&ctx)?.session.expires_at_sec()
+    }
+
     fn want(&mut self, at: Option<u64>) {
         if let Some(at) = at {
             self.next_ms = Some(self.next_ms.map_or(at, |n| n.min(at)));
@@ -127,6 +207,30 @@ impl Streams {
     /// A request was allowed: remember who it is for its response.
     pub(crate) fn allowed(&mut self, ctx: Ctx, identity: Identity) {
         self.identities.insert(ctx, identity);
+    }
+
+    /// Counts request `ctx` against `user_id`'s `max_streams_per_user` until it ends. `false`: the
+    /// user is at the limit.
+    pub(crate) fn reserve<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        ctx: Ctx,
+        user_id: &str,
+    ) -> bool {
+        let limit = u64::from(io.cfg.sse.max_streams_per_user);
+        let key = presence::user_key(user_id);
+        match shared::presence_reserve(io.store, &key, self.worker, limit, io.now_ms) {
+            shared::Reserve::Reserved => {
+                self.reserved.insert(ctx, key);
+                true
+            }
+            shared::Reserve::AtLimit => false,
+            shared::Reserve::NoRoom => {
+                // No room to count it: let it through rather than refuse a user we cannot count.
+                io.tally.inc(Metric::PresenceFull);
+                true
+            }
+        }
     }
 
     /// Response headers: start a session when the upstream answers with an event stream.
@@ -146,24 +250,36 @@ impl Streams {
         }
         let now_ms = io.now_ms;
         let session = Session::new(&io.cfg.sse, now_ms, identity.as_ref().map(|i| i.expires_at));
-        let identity = identity.map(|i| {
-            let key = registry::key(&i.user_id, &i.topic_id);
-            (i, key)
+        let auth = identity.map(|i| {
+            let spread = u64::from(ctx).wrapping_mul(0x9e37_79b9);
+            Auth {
+                presence: presence::stream_key(&i.user_id, &i.topic_id),
+                refresh: refresh::key(&i.user_id, &i.topic_id),
+                user_id: i.user_id,
+                topic_id: i.topic_id,
+                credential: i.credential,
+                opened_ms: now_ms,
+                refreshed_at_ms: 0,
+                registered: false,
+                verified_ms: now_ms,
+                verify_at_ms: next_verify_ms(io.cfg, now_ms, spread),
+                verifying: false,
+                checked_for: None,
+            }
         });
-        // The registry entry is written by the first tick (within the timer's granularity), not
+        // The presence record is written by the first tick (within the timer's granularity), not
         // here: a stream that ends before then (a short response) never costs shared-data work.
         let live = Live {
             session,
             framing: Framing::new(),
-            identity,
+            auth,
             pending: None,
             pending_since_ms: 0,
             writing: None,
             held: false,
             close_at_ms: None,
-            presence_ms: 0,
         };
-        let deadline = if live.identity.is_some() { Some(now_ms) } else { live.session.next_deadline_ms() };
+        let deadline = if live.auth.is_some() { Some(now_ms) } else { live.session.next_deadline_ms() };
         self.live.insert(ctx, live);
         self.want(deadline);
         io.tally.add(Metric::OpenStreams, 1);
@@ -271,12 +387,24 @@ impl Streams {
         }
     }
 
-    /// Timer: injections that are due, re-authorizations to pick up, registry refreshes, ends.
-    pub(crate) fn tick<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>) {
+    /// Timer: presence records, re-verifications and server-side refreshes that are due, injections,
+    /// ends. Returns the re-verifications the engine must start.
+    pub(crate) fn tick<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>) -> Vec<Reverify> {
         let now_ms = io.now_ms;
         let cfg = io.cfg;
-        let mut refreshed: HashSet<registry::Key> = HashSet::new();
-        let mut next: Option<u64> = None;
+        let worker = self.worker;
+        let touch = now_ms >= self.touch_at_ms;
+        if touch {
+            self.touch_at_ms = now_ms.saturating_add(presence::REFRESH_MS);
+            // Records of requests counted against their user's limit (streams or not).
+            let users: HashSet<presence::Key> = self.reserved.values().copied().collect();
+            for key in users {
+                shared::presence_change(io.store, &key, worker, 0, now_ms);
+            }
+        }
+        let mut touched: HashSet<presence::Key> = HashSet::new();
+        let mut reverify: Vec<Reverify> = Vec::new();
+        let mut next: Option<u64> = Some(self.touch_at_ms);
         let mut want = |at: u64| next = Some(next.map_or(at, |n: u64| n.min(at)));
         for (&ctx, live) in self.live.iter_mut() {
             if let Some(at) = live.close_at_ms {
@@ -288,35 +416,44 @@ impl Streams {
                 }
                 continue;
             }
-            if let Some((_, key)) = &live.identity {
-                if now_ms.saturating_sub(live.presence_ms) >= registry::REFRESH_MS {
-                    if refreshed.insert(*key) {
-                        shared::registry_touch(io.store, key, now_ms);
+            if let Some(auth) = live.auth.as_mut() {
+                if !auth.registered {
+                    auth.registered = shared::presence_change(io.store, &auth.presence, worker, 1, now_ms);
+                    if !auth.registered {
+                        io.tally.inc(Metric::PresenceFull);
                     }
-                    live.presence_ms = now_ms;
+                    touched.insert(auth.presence);
+                } else if touch && touched.insert(auth.presence) {
+                    shared::presence_change(io.store, &auth.presence, worker, 0, now_ms);
                 }
-                want(live.presence_ms.saturating_add(registry::REFRESH_MS));
-                if let Some(start) = reauth_window_start_ms(cfg, live) {
-                    if now_ms >= start {
-                        if let Some(entry) = shared::registry_get(io.store, key, now_ms) {
-                            live.session.extend(entry.expires_at);
-                        }
-                        want(now_ms.saturating_add(1000));
-                    } else {
-                        want(start);
+                if !live.session.finished() && live.pending.is_none() {
+                    if let Some(r) = decide(io, ctx, auth, &mut live.session) {
+                        reverify.push(r);
                     }
+                }
+                if let Some(at) = auth.verify_at_ms.filter(|_| !auth.verifying) {
+                    want(at);
+                }
+                if let Some(at) = check_at_ms(cfg, auth, &live.session) {
+                    want(at);
                 }
             }
             if let Some(due) = live.session.due(now_ms) {
-                // An earlier injection still waiting is superseded by a more important one.
-                let injection = match live.pending {
-                    Some(Injection::Expired(r)) => Injection::Expired(r),
-                    _ => due,
-                };
-                if live.pending.is_none() {
-                    live.pending_since_ms = now_ms;
+                // At the expiry, one last look for a refresh posted on another worker.
+                let adopted = matches!(due, Injection::Expired(ExpiryReason::TokenExpired))
+                    && live.pending.is_none()
+                    && live.auth.as_mut().is_some_and(|a| adopt_refresh(io, a, &mut live.session));
+                if !adopted {
+                    // An earlier injection still waiting is superseded by a more important one.
+                    let injection = match live.pending {
+                        Some(Injection::Expired(r)) => Injection::Expired(r),
+                        _ => due,
+                    };
+                    if live.pending.is_none() {
+                        live.pending_since_ms = now_ms;
+                    }
+                    live.pending = Some(injection);
                 }
-                live.pending = Some(injection);
             }
             if let Some(injection) = live.pending {
                 if live.held && live.framing.at_boundary() {
@@ -344,31 +481,170 @@ impl Streams {
             }
         }
         self.next_ms = next;
+        self.coalesce(reverify)
     }
 
-    /// A re-authorization on this worker: its streams of that user and topic take the new expiry
-    /// at once (other workers pick it up from the registry).
-    pub(crate) fn extend_local(&mut self, key: &registry::Key, expires_at: u64) {
+    /// Every stream with the same credential and topic as a re-verification joins it (one webhook
+    /// call for all), so their schedules align.
+    fn coalesce(&mut self, due: Vec<Reverify>) -> Vec<Reverify> {
+        let mut out = due.clone();
+        let started: HashSet<(String, String)> =
+            due.iter().map(|r| (r.credential.value.clone(), r.topic_id.clone())).collect();
+        for (&ctx, live) in self.live.iter_mut() {
+            let Some(auth) = live.auth.as_mut() else {
+                continue;
+            };
+            if auth.verifying || live.session.finished() || live.pending.is_some() {
+                continue;
+            }
+            if started.contains(&(auth.credential.value.clone(), auth.topic_id.clone())) {
+                auth.verifying = true;
+                out.push(Reverify {
+                    ctx,
+                    credential: auth.credential.clone(),
+                    topic_id: auth.topic_id.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// A re-verification of stream `ctx` came back.
+    pub(crate) fn reverified<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        ctx: Ctx,
+        credential: &Credential,
+        verdict: &Verdicted,
+    ) {
+        let cfg = io.cfg;
+        let now_ms = io.now_ms;
+        let Some(live) = self.live.get_mut(&ctx) else {
+            return;
+        };
+        let Some(auth) = live.auth.as_mut() else {
+            return;
+        };
+        auth.verifying = false;
+        let spread = u64::from(ctx).wrapping_mul(0x9e37_79b9);
+        match verdict {
+            Verdicted::Allowed { user_id, expires_at } if *user_id == auth.user_id => {
+                // The verdict was for the credential asked about; a refresh taken meanwhile stays.
+                if *credential == auth.credential {
+                    live.session.set_expiry(*expires_at);
+                }
+                auth.verified_ms = now_ms;
+                auth.verify_at_ms = next_verify_ms(cfg, now_ms, spread);
+            }
+            Verdicted::Allowed { .. } | Verdicted::Denied => {
+                if *credential != auth.credential {
+                    // A refresh replaced the credential meanwhile: the verdict is about the old one.
+                    auth.verify_at_ms = Some(now_ms);
+                } else if !live.session.finished() {
+                    io.tally.inc(Metric::StreamsRevoked);
+                    let line = format!(
+                        "revenprox: stream revoked user={} topic={} (re-verification refused)",
+                        auth.user_id, auth.topic_id
+                    );
+                    io.log(Level::Info, line);
+                    live.pending = Some(Injection::Expired(ExpiryReason::Revoked));
+                    live.pending_since_ms = now_ms;
+                }
+            }
+            Verdicted::Failed | Verdicted::Refused(_) => {
+                // Fail-static: the stream goes on under its last verdict until its expiry.
+                io.tally.inc(Metric::ReverifyFailures);
+                auth.verify_at_ms = next_verify_ms(cfg, now_ms, spread);
+            }
+        }
+        self.want(Some(now_ms));
+    }
+
+    /// A challenge response of `user_id` on `topic_id` was accepted on this worker: its streams of
+    /// that user and topic take the refreshed credential and expiry at once (other workers take it
+    /// from the refresh record).
+    pub(crate) fn refreshed(
+        &mut self,
+        key: &presence::Key,
+        credential: &Credential,
+        expires_at: u64,
+        now_ms: u64,
+    ) {
         for live in self.live.values_mut() {
-            if live.identity.as_ref().is_some_and(|(_, k)| k == key) {
-                live.session.extend(expires_at);
+            if let Some(auth) = live.auth.as_mut().filter(|a| &a.presence == key) {
+                if live.session.extend(expires_at) {
+                    auth.credential = credential.clone();
+                    auth.refreshed_at_ms = now_ms;
+                }
             }
         }
         self.next_ms = Some(0);
     }
 
-    /// Whether this worker has an open stream with registry key `key`.
-    pub fn has_local(&self, key: &registry::Key) -> bool {
-        self.live.values().any(|l| l.identity.as_ref().is_some_and(|(_, k)| k == key))
+    /// Whether this worker has an open stream of (user, topic) key `key`.
+    pub fn has_local(&self, key: &presence::Key) -> bool {
+        self.live.values().any(|l| l.auth.as_ref().is_some_and(|a| &a.presence == key))
     }
 
-    /// The stream ended.
+    /// The stream ended: its presence and its place in its user's limit are given back at once.
     pub(crate) fn close<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, ctx: Ctx) {
         self.identities.remove(&ctx);
-        if self.live.remove(&ctx).is_some() {
+        if let Some(key) = self.reserved.remove(&ctx) {
+            shared::presence_change(io.store, &key, self.worker, -1, io.now_ms);
+        }
+        if let Some(live) = self.live.remove(&ctx) {
             io.tally.add(Metric::OpenStreams, -1);
+            if let Some(auth) = live.auth.filter(|a| a.registered) {
+                shared::presence_change(io.store, &auth.presence, self.worker, -1, io.now_ms);
+            }
         }
     }
+}
+
+/// When the pre-expiry check of a stream runs: `lead` before its expiry, not earlier than a second
+/// after its last verification, once per expiry value. `None`: no check is due any more.
+fn check_at_ms(cfg: &Config, auth: &Auth, session: &Session) -> Option<u64> {
+    let exp_ms = session.expires_at_sec()?.saturating_mul(1000);
+    if auth.checked_for == session.expires_at_sec() || auth.credential.kind == Kind::Ticket {
+        return None;
+    }
+    let at = exp_ms.saturating_sub(server_refresh_lead_ms(cfg)).max(auth.verified_ms.saturating_add(1_000));
+    (at < exp_ms).then_some(at)
+}
+
+/// The decisions of one authenticated stream at this tick: the pre-expiry check (take another
+/// worker's refresh, else ask the webhook once more) and the periodic re-verification.
+fn decide<S: SharedStore + ?Sized>(
+    io: &mut Io<S>,
+    ctx: Ctx,
+    auth: &mut Auth,
+    session: &mut Session,
+) -> Option<Reverify> {
+    let now_ms = io.now_ms;
+    if auth.verifying {
+        return None;
+    }
+    let check = check_at_ms(io.cfg, auth, session).is_some_and(|at| now_ms >= at);
+    let periodic = auth.verify_at_ms.is_some_and(|at| now_ms >= at);
+    if check {
+        auth.checked_for = session.expires_at_sec();
+        if adopt_refresh(io, auth, session) && !periodic {
+            return None;
+        }
+    } else if periodic {
+        adopt_refresh(io, auth, session);
+    } else {
+        return None;
+    }
+    // A one-time ticket cannot be asked about twice: a stream opened with one is re-verified once a
+    // refresh gave it a JWT.
+    if auth.credential.kind == Kind::Ticket {
+        let spread = u64::from(ctx).wrapping_mul(0x9e37_79b9);
+        auth.verify_at_ms = next_verify_ms(io.cfg, now_ms, spread);
+        return None;
+    }
+    auth.verifying = true;
+    Some(Reverify { ctx, credential: auth.credential.clone(), topic_id: auth.topic_id.clone() })
 }
 
 /// `injection` reached the client.
@@ -384,7 +660,11 @@ fn sent<S: SharedStore + ?Sized>(io: &mut Io<S>, live: &mut Live, injection: Inj
         }
     }
     if io.debug {
-        let who = live.identity.as_ref().map_or("-", |(i, _)| i.user_id.as_str());
-        io.log(Level::Debug, format!("revenprox: {} sent user={who}", injection.label()));
+        let who = live.auth.as_ref().map_or("-", |a| a.user_id.as_str());
+        let what = match injection {
+            Injection::Expired(reason) => format!("expired ({})", reason.as_str()),
+            other => other.label().to_string(),
+        };
+        io.log(Level::Debug, format!("revenprox: {what} sent user={who}"));
     }
 }

@@ -89,7 +89,7 @@ struct Host {
 
 impl Host {
     fn new(cfg: Config, store: MemStore) -> Host {
-        let engine = Engine::new(cfg, store, ROOT, true, false, T0);
+        let engine = Engine::new(cfg, store, ROOT, 7, true, false, T0);
         let mut h = Host {
             engine,
             now: T0,
@@ -512,4 +512,199 @@ fn a_failed_identity_edit_refuses_the_request() {
     assert_eq!(changed, Some(Flow::Pause));
     let codes: Vec<_> = h.engine.take_effects().iter().filter_map(reply_code).collect();
     assert_eq!(codes, vec![(111, Code::AuthUnavailable)]);
+}
+
+fn dispatch_token(e: &Effect) -> Option<String> {
+    match e {
+        Effect::Dispatch { call, .. } => {
+            let start = call.body.find("\"jwt\":\"")? + 7;
+            call.body.get(start..)?.split('"').next().map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
+fn injected(effects: &[Effect], what: &[u8]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Inject { bytes, .. } if bytes.starts_with(what)))
+}
+
+const REVOKED: &[u8] = b"event: expired\ndata: {\"reason\":\"revoked\"}";
+
+#[test]
+fn open_streams_are_reverified_and_share_one_call() {
+    let mut h = Host::new(cfg(r#","sse":{"reverify_interval_sec":10}"#), MemStore::new());
+    let token = jwt("lena", 3_600);
+    h.open(130, &token, "lena", 3_600);
+    // A second stream of the same credential and topic: served from the cache.
+    assert_eq!(h.request(131, &get("/events/news", &token)), Flow::Continue);
+    h.response(131);
+    h.body(131, b"data: x\n\n", false);
+    h.take();
+    let calls = h.metric(Metric::WebhookCalls);
+    // Within the interval (spread over its last tenth), one call for both streams, from the root.
+    h.tick_until(T0 + 10_000);
+    let effects = h.take();
+    let dispatched: Vec<_> = effects.iter().filter_map(dispatch_token).collect();
+    assert_eq!(dispatched, vec![token.clone()], "{effects:?}");
+    assert_eq!(h.pending_calls().len(), 1);
+    assert_eq!(h.pending_calls()[0].1, ROOT);
+    assert_eq!(h.metric(Metric::Reverifications), 1);
+    // Still valid, with a later expiry: both go on and take it.
+    let (call, _) = h.pending_calls()[0];
+    h.answer(call, 200, &verdict("lena", 7_200));
+    assert_eq!(h.engine.streams().expires_at(130), Some(T0_SEC + 7_200));
+    assert_eq!(h.engine.streams().expires_at(131), Some(T0_SEC + 7_200));
+    // And again one interval later.
+    h.tick_until(T0 + 20_000);
+    assert_eq!(h.pending_calls().len(), 1);
+    assert_eq!(h.metric(Metric::WebhookCalls), calls + 2);
+}
+
+#[test]
+fn a_refused_reverification_revokes_the_stream_and_the_cache_everywhere() {
+    let store = MemStore::new();
+    let extra = r#","sse":{"reverify_interval_sec":5}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    let token = jwt("mona", 3_600);
+    a.open(140, &token, "mona", 3_600);
+    // Worker B has the verdict in its local cache too.
+    b.now = a.now;
+    assert_eq!(b.request(150, &get("/events/news", &token)), Flow::Continue);
+    b.take();
+    a.tick_until(T0 + 5_000);
+    let (call, _) = a.pending_calls()[0];
+    a.answer(call, 200, DENY);
+    a.tick_until(a.now + 40);
+    let effects = a.take();
+    assert!(injected(&effects, REVOKED), "{effects:?}");
+    assert_eq!(a.metric(Metric::StreamsRevoked), 1);
+    a.tick_until(a.now + 200);
+    assert!(a.take().contains(&Effect::Close { ctx: 140 }));
+    // Neither worker serves the credential from its cache any more: the webhook is asked.
+    for (h, ctx) in [(&mut a, 141), (&mut b, 151)] {
+        assert_eq!(h.request(ctx, &get("/events/news", &token)), Flow::Pause);
+        assert!(h.take().iter().any(|e| dispatch_token(e).as_deref() == Some(token.as_str())));
+    }
+}
+
+#[test]
+fn a_failed_reverification_leaves_the_stream_until_its_expiry() {
+    let extra = r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":0},"sse":{"reverify_interval_sec":5,"challenge_before_expiry_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.open(160, &jwt("nina", 12), "nina", 12);
+    h.tick_until(T0 + 5_000);
+    let (call, _) = h.pending_calls()[0];
+    h.answer(call, 503, b"");
+    h.tick_until(T0 + 9_000);
+    assert!(!h.take().iter().any(|e| matches!(e, Effect::Close { .. })));
+    assert_eq!(h.metric(Metric::ReverifyFailures), 1);
+    // The server-side refresh before the expiry fails too; the token's expiry still ends it.
+    for (call, _) in h.pending_calls() {
+        h.answer(call, 503, b"");
+    }
+    h.tick_until(T0 + 12_050);
+    let effects = h.take();
+    assert!(injected(&effects, b"event: expired\ndata: {\"reason\":\"token_expired\"}"), "{effects:?}");
+}
+
+#[test]
+fn the_per_user_limit_counts_streams_of_every_worker() {
+    let store = MemStore::new();
+    let extra = r#","sse":{"max_streams_per_user":2}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    a.open(170, &jwt("olga", 600), "olga", 600);
+    b.open(180, &jwt("olga", 601), "olga", 600);
+    // A third stream, any topic, on either worker: 429 too_many_streams, nothing forwarded.
+    assert_eq!(a.request(171, &get("/events/sports", &jwt("olga", 602))), Flow::Pause);
+    a.answer(a.pending_calls()[0].0, 200, &verdict("olga", 600));
+    let effects = a.take();
+    assert_eq!(effects.iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(171, Code::TooManyStreams)]);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::ResumeRequest { .. })));
+    // Another user is not affected; a challenge response never counts.
+    assert_eq!(a.request(172, &get("/events/news", &jwt("pia", 600))), Flow::Pause);
+    a.answer(a.pending_calls()[0].0, 200, &verdict("pia", 600));
+    assert_eq!(a.take().last(), Some(&Effect::ResumeRequest { ctx: 172 }));
+    // One of olga's streams ends: a new one is accepted at once.
+    b.done_stream(180);
+    assert_eq!(a.request(173, &get("/events/news", &jwt("olga", 600))), Flow::Continue);
+    assert_eq!(a.engine.streams().reserved(), 3);
+    a.done_stream(173);
+    a.done_stream(172);
+    a.done_stream(170);
+    assert_eq!(a.engine.streams().reserved(), 0);
+}
+
+#[test]
+fn a_stream_never_takes_a_refresh_posted_before_it_opened() {
+    // Finding 3: alice refreshes her stream for an hour; a stream opened afterwards with a stolen
+    // 12-second alice token must still end at 12 s.
+    let store = MemStore::new();
+    let extra = r#","sse":{"challenge_before_expiry_sec":0,"reverify_interval_sec":0}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    a.open(190, &jwt("alice", 60), "alice", 60);
+    a.tick_until(T0 + 40);
+    a.request(191, &refresh("/events/news", &jwt("alice", 3_600)));
+    a.answer(a.pending_calls()[0].0, 200, &verdict("alice", 3_600));
+    assert_eq!(a.take().last(), Some(&Effect::NoContent { ctx: 191 }));
+    assert_eq!(a.engine.streams().expires_at(190), Some(T0_SEC + 3_600));
+    // The attacker's stream on the other worker, opened after the refresh; alice leaves.
+    b.now = a.now;
+    b.open(200, &jwt("alice", 12), "alice", 12);
+    a.done_stream(190);
+    b.tick_until(T0 + 12_050);
+    let effects = b.take();
+    assert!(injected(&effects, b"event: expired\ndata: {\"reason\":\"token_expired\"}"), "{effects:?}");
+}
+
+#[test]
+fn a_refresh_after_the_last_stream_closed_is_refused_at_once() {
+    // Finding 11: no 30-second window of 204s after the stream is gone.
+    let mut h = Host::new(cfg(""), MemStore::new());
+    h.open(210, &jwt("quinn", 600), "quinn", 600);
+    h.tick_until(T0 + 40);
+    h.done_stream(210);
+    h.request(211, &refresh("/events/news", &jwt("quinn", 900)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("quinn", 900));
+    assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(211, Code::UserMismatch)]);
+}
+
+#[test]
+fn the_server_side_refresh_extends_a_stream_no_refresh_reached() {
+    let extra = r#","sse":{"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    let token = jwt("rita", 20);
+    h.open(220, &token, "rita", 20);
+    // Half the challenge window (4 s) before the expiry, the webhook is asked once more.
+    h.tick_until(T0 + 15_999);
+    assert!(h.pending_calls().is_empty());
+    h.tick_until(T0 + 16_020);
+    let effects = h.take();
+    assert_eq!(effects.iter().filter_map(dispatch_token).collect::<Vec<_>>(), vec![token]);
+    // A webhook that tracks sessions knows the user refreshed (elsewhere): a later expiry.
+    h.answer(h.pending_calls()[0].0, 200, &verdict("rita", 40));
+    h.tick_until(T0 + 21_000);
+    assert!(!injected(&h.take(), b"event: expired"));
+    assert_eq!(h.engine.streams().expires_at(220), Some(T0_SEC + 40));
+}
+
+#[test]
+fn a_refresh_on_another_worker_is_taken_before_the_expiry_without_a_call() {
+    let store = MemStore::new();
+    let extra = r#","sse":{"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    a.open(230, &jwt("sara", 20), "sara", 20);
+    a.tick_until(T0 + 12_020);
+    b.now = a.now;
+    b.request(240, &refresh("/events/news", &jwt("sara", 60)));
+    b.answer(b.pending_calls()[0].0, 200, &verdict("sara", 60));
+    assert_eq!(b.take().last(), Some(&Effect::NoContent { ctx: 240 }));
+    let calls = a.metric(Metric::WebhookCalls);
+    a.tick_until(T0 + 21_000);
+    assert!(!injected(&a.take(), b"event: expired"));
+    assert_eq!(a.engine.streams().expires_at(230), Some(T0_SEC + 60));
+    assert_eq!(a.metric(Metric::WebhookCalls), calls, "taken from the refresh record, not the webhook");
 }

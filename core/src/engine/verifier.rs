@@ -4,8 +4,13 @@
 //!
 //! A webhook call is made from the context whose callback is running (its answer comes back
 //! there): the request's own stream for a flight's first call, the root context's timer for
-//! retries and for calls whose maker went away. Refusals are answered here; allowed requests are
-//! handed back to the engine (`Allowed`), which forwards them or re-authorizes streams.
+//! retries and for calls whose maker went away. Every verdict goes back to the engine as a
+//! `Finished` (the verification and its waiters), which answers, forwards, re-authorizes or ends
+//! streams according to each waiter's purpose.
+//!
+//! A re-verification (an open stream's credential, asked again) never reads the cache; its fresh
+//! verdict updates it. A denial of a credential the cache holds revokes it: the shared slot is
+//! emptied and the Envoy-wide revocation count goes up, so every worker drops its local cache.
 
 use super::effect::{Ctx, Effect, Level, WebhookCall};
 use super::metrics::Metric;
@@ -13,11 +18,12 @@ use super::Io;
 use crate::auth::cache;
 use crate::auth::gate::Verification;
 use crate::auth::reply::{Code, Reply};
+use crate::auth::token::Credential;
 use crate::auth::token::Kind;
 use crate::auth::verdict::{self, Failure, Verdict};
 use crate::config::Config;
 use crate::resilience::breaker::{self, Admit};
-use crate::resilience::flight::{FlightKey, Flights, Left, Waiter};
+use crate::resilience::flight::{FlightKey, Flights, Left, Purpose, Waiter};
 use crate::shared::{self, SharedStore};
 use lru::LruCache;
 use std::collections::HashMap;
@@ -34,21 +40,46 @@ struct Local {
     user_id: String,
 }
 
-/// An allowed verification for one waiting request, for the engine to deliver.
+/// What a verification came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Allowed {
-    pub waiter: Waiter,
-    pub user_id: String,
-    pub expires_at: u64,
+pub enum Verdicted {
+    /// The webhook (or the cache) allows `user_id` until `expires_at`.
+    Allowed { user_id: String, expires_at: u64 },
+    /// The webhook said no.
+    Denied,
+    /// No verdict: the webhook failed after its retries.
+    Failed,
+    /// Refused before any call (circuit open, rate limited), with the answer to give.
+    Refused(Reply),
+}
+
+impl Verdicted {
+    /// The local answer of a request that is not allowed.
+    pub fn refusal(&self) -> Option<Reply> {
+        match self {
+            Verdicted::Allowed { .. } => None,
+            Verdicted::Denied => Some(Reply::new(Code::InvalidToken, "the token was refused")),
+            Verdicted::Failed => Some(Reply::new(Code::AuthUnavailable, "authentication is unavailable")),
+            Verdicted::Refused(reply) => Some(reply.clone()),
+        }
+    }
+}
+
+/// A verification that came to a verdict, with every stream that waited for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub credential: Credential,
     pub topic_id: String,
+    pub verdict: Verdicted,
+    pub waiters: Vec<Waiter>,
 }
 
 /// What `begin` did with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Started {
-    /// Allowed from the cache, at once.
-    Allowed(Allowed),
-    /// Waiting for a verdict, or already answered with a refusal.
+    /// Decided at once: allowed from the cache, or refused at admission.
+    Done(Finished),
+    /// Waiting for a verdict.
     Pending,
 }
 
@@ -59,6 +90,8 @@ pub struct Verifier {
     /// Recent verdicts of this worker, in front of the shared cache: a hit costs no SHA-256 and
     /// no shared-data read. Entries live no longer than their shared-cache twins.
     local: Option<LruCache<String, Local>>,
+    /// The Envoy-wide revocation count when the local cache was (re)started.
+    local_epoch: u64,
     /// The breaker state this worker last reported in `revenprox_circuit_state`.
     breaker_seen: Option<u64>,
 }
@@ -92,7 +125,13 @@ impl Verifier {
             .then(|| NonZeroUsize::new(usize::try_from(capacity).unwrap_or(1)))
             .flatten()
             .map(LruCache::new);
-        Verifier { flights: Flights::default(), call_owner: HashMap::new(), local, breaker_seen: None }
+        Verifier {
+            flights: Flights::default(),
+            call_owner: HashMap::new(),
+            local,
+            local_epoch: 0,
+            breaker_seen: None,
+        }
     }
 
     /// The earliest scheduled call, for the timer.
@@ -115,20 +154,15 @@ impl Verifier {
         &self.call_owner
     }
 
-    fn local_get(&mut self, key: &str, now_ms: u64) -> Option<Local> {
-        let cache = self.local.as_mut()?;
-        match cache.get(key) {
-            Some(hit) if hit.until_ms > now_ms => Some(hit.clone()),
-            Some(_) => {
-                cache.pop(key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn local_put(&mut self, key: String, until_ms: u64, expires_at: u64, user_id: &str) {
-        if let Some(cache) = self.local.as_mut() {
+    fn local_put<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        key: String,
+        until_ms: u64,
+        expires_at: u64,
+        user_id: &str,
+    ) {
+        if let Some(cache) = self.local_cache(io) {
             cache.put(key, Local { until_ms, expires_at, user_id: user_id.to_string() });
         }
     }
@@ -142,38 +176,65 @@ impl Verifier {
         }
     }
 
-    /// Starts verifying `v` for the request of stream `ctx` (its request headers callback).
+    /// The local cache, dropped when a credential was revoked anywhere in the Envoy since it was
+    /// filled.
+    fn local_cache<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+    ) -> Option<&mut LruCache<String, Local>> {
+        let cache = self.local.as_mut()?;
+        let revocations = io.store.revocations();
+        if revocations != self.local_epoch {
+            cache.clear();
+            self.local_epoch = revocations;
+        }
+        Some(cache)
+    }
+
+    /// Starts verifying `v` for stream `ctx` (its request headers callback, or, for a
+    /// re-verification, the timer; then `ctx` is the stream and calls are made from `from`).
     pub(crate) fn begin<S: SharedStore + ?Sized>(
         &mut self,
         io: &mut Io<S>,
         ctx: Ctx,
+        from: Ctx,
         v: Verification,
+        purpose: Purpose,
     ) -> Started {
-        let waiter = Waiter { context_id: ctx, reauth: v.reauth };
+        let waiter = Waiter { context_id: ctx, purpose };
         let now_ms = io.now_ms;
-        let allowed = |user_id: &str, expires_at: u64, topic_id: &str| {
-            Started::Allowed(Allowed {
-                waiter,
-                user_id: user_id.to_string(),
-                expires_at,
-                topic_id: topic_id.to_string(),
+        let done = |v: &Verification, verdict: Verdicted| {
+            Started::Done(Finished {
+                credential: v.credential.clone(),
+                topic_id: v.topic_id.clone(),
+                verdict,
+                waiters: vec![waiter],
             })
         };
         // SHA-256 of the token, computed at most once and only past the local cache.
         let mut sha: Option<cache::Key> = None;
         let mut key_of = |v: &Verification| *sha.get_or_insert_with(|| v.key());
-        if v.cacheable {
+        // A re-verification asks the webhook, never the cache.
+        if v.cacheable && purpose != Purpose::Reverify {
             let lk = local_key(&v);
-            if let Some(hit) = self.local_get(&lk, now_ms) {
+            let hit = self.local_cache(io).and_then(|c| match c.get(&lk) {
+                Some(hit) if hit.until_ms > now_ms => Some(hit.clone()),
+                Some(_) => {
+                    c.pop(&lk);
+                    None
+                }
+                None => None,
+            });
+            if let Some(hit) = hit {
                 io.tally.inc(Metric::CacheHits);
-                return allowed(&hit.user_id, hit.expires_at, &v.topic_id);
+                return done(&v, Verdicted::Allowed { user_id: hit.user_id, expires_at: hit.expires_at });
             }
             if let Some(hit) =
                 shared::cache_get(io.store, &key_of(&v), io.cfg.verifier.cache_max_size, now_ms)
             {
-                self.local_put(lk, hit.until_ms, hit.expires_at, &hit.user_id);
+                self.local_put(io, lk, hit.until_ms, hit.expires_at, &hit.user_id);
                 io.tally.inc(Metric::CacheHits);
-                return allowed(&hit.user_id, hit.expires_at, &v.topic_id);
+                return done(&v, Verdicted::Allowed { user_id: hit.user_id, expires_at: hit.expires_at });
             }
             io.tally.inc(Metric::CacheMisses);
         }
@@ -195,12 +256,9 @@ impl Verifier {
             }
             Admit::Reject { retry_after_ms } => {
                 io.tally.inc(Metric::CircuitRejected);
-                io.reply(
-                    ctx,
-                    Reply::new(Code::AuthUnavailable, "authentication is unavailable (circuit open)")
-                        .retry_after(secs_ceil(retry_after_ms)),
-                );
-                return Started::Pending;
+                let reply = Reply::new(Code::AuthUnavailable, "authentication is unavailable (circuit open)")
+                    .retry_after(secs_ceil(retry_after_ms));
+                return done(&v, Verdicted::Refused(reply));
             }
         };
         let rate = io.cfg.verifier.rate_limit_per_sec;
@@ -219,20 +277,22 @@ impl Verifier {
                 // Nothing was tried: the next verification may probe.
                 shared::breaker_abandon_probe(io.store, now_ms);
             }
-            io.reply(
-                ctx,
-                Reply::new(Code::RateLimited, "too many verifications, retry later")
-                    .retry_after(secs_ceil(take.wait_ms)),
-            );
-            return Started::Pending;
+            let reply = Reply::new(Code::RateLimited, "too many verifications, retry later")
+                .retry_after(secs_ceil(take.wait_ms));
+            return done(&v, Verdicted::Refused(reply));
+        }
+        if purpose == Purpose::Reverify {
+            io.tally.inc(Metric::Reverifications);
         }
         self.flights.start(key, v, waiter, probe, now_ms);
-        self.call(io, key, ctx);
-        Started::Pending
+        match self.call(io, key, from).pop() {
+            Some(finished) => Started::Done(finished),
+            None => Started::Pending,
+        }
     }
 
     /// Makes the flight's next webhook call from context `from` (the one whose callback runs).
-    fn call<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, key: FlightKey, from: Ctx) -> Vec<Allowed> {
+    fn call<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, key: FlightKey, from: Ctx) -> Vec<Finished> {
         let Some(f) = self.flights.get(&key) else {
             return Vec::new();
         };
@@ -258,7 +318,7 @@ impl Verifier {
         key: FlightKey,
         from: Ctx,
         token: Option<u32>,
-    ) -> Vec<Allowed> {
+    ) -> Vec<Finished> {
         let Some(f) = self.flights.get(&key) else {
             return Vec::new();
         };
@@ -293,7 +353,7 @@ impl Verifier {
         token: u32,
         status: Option<u32>,
         body: &[u8],
-    ) -> Vec<Allowed> {
+    ) -> Vec<Finished> {
         self.call_owner.remove(&token);
         let Some(key) = self.flights.answered(token) else {
             return Vec::new();
@@ -320,7 +380,7 @@ impl Verifier {
         io: &mut Io<S>,
         key: FlightKey,
         failure: Failure,
-    ) -> Vec<Allowed> {
+    ) -> Vec<Finished> {
         io.tally.inc(Metric::WebhookFailures);
         io.tally.inc(Metric::webhook_failure(failure));
         let line = match failure {
@@ -328,20 +388,24 @@ impl Verifier {
             other => format!("revenprox: webhook call failed ({})", other.label()),
         };
         io.log(Level::Warn, line);
-        match self.flights.retry(&key, io.cfg.verifier.retry_attempts, io.now_ms) {
+        // A 4xx is the webhook refusing this request as it is: asking again would get the same.
+        let retries = match failure {
+            Failure::Status(400..=499) => 0,
+            _ => io.cfg.verifier.retry_attempts,
+        };
+        match self.flights.retry(&key, retries, io.now_ms) {
             Some(_) => Vec::new(),
             None => self.finish(io, key, Verdict::Failure(failure)),
         }
     }
 
-    /// Ends a flight: breaker, cache, then every waiting request gets the verdict (refusals are
-    /// answered here, allowed requests returned).
+    /// Ends a flight: breaker and cache take its verdict, which goes back with its waiters.
     fn finish<S: SharedStore + ?Sized>(
         &mut self,
         io: &mut Io<S>,
         key: FlightKey,
         verdict: Verdict,
-    ) -> Vec<Allowed> {
+    ) -> Vec<Finished> {
         let Some(flight) = self.flights.finish(&key) else {
             return Vec::new();
         };
@@ -372,8 +436,8 @@ impl Verifier {
                 _ => {}
             }
         }
-        let v = &flight.verification;
-        match verdict {
+        let v = flight.verification;
+        let verdict = match verdict {
             Verdict::Allow { user_id, expires_at } => {
                 if v.cacheable {
                     if let Some(until_ms) =
@@ -384,40 +448,45 @@ impl Verifier {
                         if !shared::cache_put(io.store, &entry, io.cfg.verifier.cache_max_size, now_ms) {
                             io.log(Level::Warn, "revenprox: verdict cache write failed".to_string());
                         }
-                        self.local_put(local_key(v), until_ms, expires_at, &user_id);
+                        self.local_put(io, local_key(&v), until_ms, expires_at, &user_id);
                     }
                 }
-                flight
-                    .waiters
-                    .iter()
-                    .map(|w| Allowed {
-                        waiter: *w,
-                        user_id: user_id.clone(),
-                        expires_at,
-                        topic_id: v.topic_id.clone(),
-                    })
-                    .collect()
+                Verdicted::Allowed { user_id, expires_at }
             }
             Verdict::Deny(_) => {
-                for w in &flight.waiters {
-                    io.reply(w.context_id, Reply::new(Code::InvalidToken, "the token was refused"));
+                if v.cacheable {
+                    let reverified = flight.waiters.iter().any(|w| w.purpose == Purpose::Reverify);
+                    self.revoke(io, &v, reverified);
                 }
-                Vec::new()
+                Verdicted::Denied
             }
-            Verdict::Failure(_) => {
-                for w in &flight.waiters {
-                    io.reply(
-                        w.context_id,
-                        Reply::new(Code::AuthUnavailable, "authentication is unavailable"),
-                    );
-                }
-                Vec::new()
-            }
+            Verdict::Failure(_) => Verdicted::Failed,
+        };
+        vec![Finished { credential: v.credential, topic_id: v.topic_id, verdict, waiters: flight.waiters }]
+    }
+
+    /// A denial of a credential the cache may hold: the cache must never serve it again. The shared
+    /// slot is emptied, and when the credential was cached anywhere (it was: it is being
+    /// re-verified, or a cache holds it) the Envoy-wide revocation count goes up, so that every
+    /// worker drops its local cache. A denial of a credential never allowed costs nothing (a flood
+    /// of forged tokens cannot make workers drop their caches).
+    fn revoke<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, v: &Verification, reverified: bool) {
+        let key = v.key();
+        let slots = io.cfg.verifier.cache_max_size;
+        let shared_held = shared::cache_get(io.store, &key, slots, io.now_ms).is_some();
+        let lk = local_key(v);
+        let local_held = self.local.as_mut().is_some_and(|c| c.pop(&lk).is_some());
+        if shared_held {
+            shared::cache_remove(io.store, &key, slots);
+        }
+        if reverified || shared_held || local_held {
+            io.store.revoke();
+            io.log(Level::Info, format!("revenprox: a credential for topic {} was revoked", v.topic_id));
         }
     }
 
     /// Timer: makes the calls that are due (retries, and calls whose maker went away), from `root`.
-    pub(crate) fn tick<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, root: Ctx) -> Vec<Allowed> {
+    pub(crate) fn tick<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, root: Ctx) -> Vec<Finished> {
         let mut allowed = Vec::new();
         for key in self.flights.due(io.now_ms) {
             allowed.extend(self.call(io, key, root));

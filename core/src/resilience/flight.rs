@@ -15,11 +15,21 @@ pub enum FlightKey {
     Solo(u32),
 }
 
+/// Why a stream waits for a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A request to forward upstream.
+    Forward,
+    /// A challenge response (answered 204 or 403 by the filter, never forwarded).
+    Refresh,
+    /// An open stream's re-verification (nothing is answered: the stream goes on or ends).
+    Reverify,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waiter {
     pub context_id: u32,
-    /// A challenge response (answered 204 by the filter) rather than a stream to forward.
-    pub reauth: bool,
+    pub purpose: Purpose,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,7 +221,7 @@ mod tests {
     use super::*;
 
     fn w(id: u32) -> Waiter {
-        Waiter { context_id: id, reauth: false }
+        Waiter { context_id: id, purpose: Purpose::Forward }
     }
 
     #[test]

@@ -12,6 +12,7 @@ type Data = HashMap<String, (Vec<u8>, u32)>;
 #[derive(Debug, Clone, Default)]
 pub struct MemStore {
     data: Rc<RefCell<Data>>,
+    revocations: Rc<RefCell<u64>>,
 }
 
 impl MemStore {
@@ -58,6 +59,14 @@ impl SharedStore for MemStore {
                 Ok(())
             }
         }
+    }
+
+    fn revocations(&self) -> u64 {
+        *self.revocations.borrow()
+    }
+
+    fn revoke(&mut self) {
+        *self.revocations.borrow_mut() += 1;
     }
 }
 

@@ -15,7 +15,7 @@ pub use mem::MemStore;
 use crate::auth::cache::{self, Entry, Key};
 use crate::resilience::breaker::{self, Admit, Settings};
 use crate::resilience::limiter::{Bucket, Take};
-use crate::sse::registry;
+use crate::sse::{presence, refresh};
 
 /// Why a write did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,12 @@ pub trait SharedStore {
     /// Writes `value`. With `cas`, only if the key's CAS token is still `cas` (a key that does not
     /// exist yet is written whatever `cas` says: the host's behaviour).
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
+    /// An Envoy-wide count of revoked credentials that only grows: a worker whose local verdict
+    /// cache was filled at a lower count drops it. Read on every local cache hit, so the host
+    /// answers it without allocating (Envoy: the `revenprox_revocations` counter).
+    fn revocations(&self) -> u64;
+    /// A credential was revoked: counts one more.
+    fn revoke(&mut self);
 }
 
 const BREAKER: &str = "revenprox.breaker";
@@ -161,53 +167,119 @@ pub fn limiter_take<S: SharedStore + ?Sized>(store: &mut S, rate: u32, now_ms: u
     .unwrap_or((Take { allowed: false, wait_ms: 1000, write: None }, None))
 }
 
-fn registry_candidates<S: SharedStore + ?Sized>(
+/// Empties `key`'s cache slot, if one holds it (a revoked credential must not be served again).
+pub fn cache_remove<S: SharedStore + ?Sized>(store: &mut S, key: &Key, slots: u32) {
+    let [a, b] = cache::slots(key, slots);
+    for slot in if a == b { vec![a] } else { vec![a, b] } {
+        let name = cache::slot_name(slot);
+        let _ = cas_update(store, &name, |v| {
+            let holds = v.and_then(Entry::decode).is_some_and(|e| &e.key == key);
+            ((), holds.then(|| cache::EMPTY.to_vec()))
+        });
+    }
+}
+
+fn presence_buckets<S: SharedStore + ?Sized>(
     store: &S,
-    key: &registry::Key,
-) -> ([u32; 2], [Option<registry::Entry>; 2]) {
-    let [a, b] = registry::slots(key);
-    let get = |n: u32| read_entry(store, &registry::slot_name(n), registry::Entry::decode);
+    key: &presence::Key,
+) -> ([u32; 2], [presence::Bucket; 2]) {
+    let [a, b] = presence::buckets(key);
+    let get = |n: u32| {
+        store.get(&presence::bucket_name(n)).0.map(|v| presence::Bucket::decode(&v)).unwrap_or_default()
+    };
+    ([a, b], [get(a), if a == b { presence::Bucket::default() } else { get(b) }])
+}
+
+/// Streams of `key` open in this Envoy (every live worker's record).
+pub fn presence_count<S: SharedStore + ?Sized>(store: &S, key: &presence::Key, now_ms: u64) -> u64 {
+    let ([a, b], [ba, bb]) = presence_buckets(store, key);
+    ba.count(key, now_ms) + if a == b { 0 } else { bb.count(key, now_ms) }
+}
+
+/// Changes this worker's count of `key` by `delta` (touching its record when `delta` is 0).
+/// `false` when the record found no room (the key is then untracked on this worker).
+pub fn presence_change<S: SharedStore + ?Sized>(
+    store: &mut S,
+    key: &presence::Key,
+    worker: u32,
+    delta: i64,
+    now_ms: u64,
+) -> bool {
+    let ([a, b], buckets) = presence_buckets(store, key);
+    let Some(i) = presence::place(key, worker, now_ms, &buckets) else {
+        return delta <= 0;
+    };
+    let name = presence::bucket_name(if i == 0 { a } else { b });
+    cas_update(store, &name, |v| {
+        let mut bucket = v.map(presence::Bucket::decode).unwrap_or_default();
+        if bucket.change(key, worker, delta, now_ms) {
+            (true, Some(bucket.encode()))
+        } else {
+            (false, None)
+        }
+    })
+    .unwrap_or(false)
+}
+
+/// What `presence_reserve` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// Counted: the key had fewer than the limit.
+    Reserved,
+    /// The key already has `limit` (nothing counted).
+    AtLimit,
+    /// No room to count it (nothing counted; the caller decides).
+    NoRoom,
+}
+
+/// Counts one more of `key` on this worker if the Envoy-wide count stays within `limit`. Counted
+/// first and checked after (undone when over), so that racing workers can never both pass.
+pub fn presence_reserve<S: SharedStore + ?Sized>(
+    store: &mut S,
+    key: &presence::Key,
+    worker: u32,
+    limit: u64,
+    now_ms: u64,
+) -> Reserve {
+    if presence_count(store, key, now_ms) >= limit {
+        return Reserve::AtLimit;
+    }
+    if !presence_change(store, key, worker, 1, now_ms) {
+        return Reserve::NoRoom;
+    }
+    if presence_count(store, key, now_ms) > limit {
+        presence_change(store, key, worker, -1, now_ms);
+        return Reserve::AtLimit;
+    }
+    Reserve::Reserved
+}
+
+fn refresh_candidates<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &refresh::Key,
+) -> ([u32; 2], [Option<refresh::Entry>; 2]) {
+    let [a, b] = refresh::slots(key);
+    let get = |n: u32| read_entry(store, &refresh::slot_name(n), refresh::Entry::decode);
     ([a, b], [get(a), if a == b { None } else { get(b) }])
 }
 
-/// The live registry entry of a (user, topic) stream key.
-pub fn registry_get<S: SharedStore + ?Sized>(
+/// The live refresh record of a (user, topic) key.
+pub fn refresh_get<S: SharedStore + ?Sized>(
     store: &S,
-    key: &registry::Key,
+    key: &refresh::Key,
     now_ms: u64,
-) -> Option<registry::Entry> {
-    slots::find(key, now_ms, &registry_candidates(store, key).1).map(|(_, e)| *e)
+) -> Option<refresh::Entry> {
+    slots::find(key, now_ms, &refresh_candidates(store, key).1).map(|(_, e)| e.clone())
 }
 
-/// Marks a stream key as having an open stream now (keeping its re-authorized expiry).
-pub fn registry_touch<S: SharedStore + ?Sized>(store: &mut S, key: &registry::Key, now_ms: u64) {
-    let ([a, b], candidates) = registry_candidates(store, key);
-    let slot = if slots::place(key, now_ms, &candidates) == 0 { a } else { b };
-    let _ = cas_update(store, &registry::slot_name(slot), |v| {
-        let existing = v.and_then(registry::Entry::decode);
-        ((), Some(registry::touched(existing, key, now_ms).encode()))
+/// Records an accepted refresh (the newer one wins: a record is only replaced by a later one).
+pub fn refresh_put<S: SharedStore + ?Sized>(store: &mut S, entry: &refresh::Entry, now_ms: u64) {
+    let ([a, b], candidates) = refresh_candidates(store, &entry.key);
+    let slot = if slots::place(&entry.key, now_ms, &candidates) == 0 { a } else { b };
+    let _ = cas_update(store, &refresh::slot_name(slot), |v| {
+        let newer = v
+            .and_then(refresh::Entry::decode)
+            .is_some_and(|e| e.key == entry.key && e.live(now_ms) && e.at_ms > entry.at_ms);
+        ((), (!newer).then(|| entry.encode()))
     });
-}
-
-/// Gives the streams of a key the expiry `expires_at`. `false` when no stream of that key is open
-/// (then nothing is written).
-pub fn registry_reauthorize<S: SharedStore + ?Sized>(
-    store: &mut S,
-    key: &registry::Key,
-    expires_at: u64,
-    now_ms: u64,
-) -> bool {
-    let ([a, b], candidates) = registry_candidates(store, key);
-    let Some((index, _)) = slots::find(key, now_ms, &candidates) else {
-        return false;
-    };
-    let slot = if index == 0 { a } else { b };
-    cas_update(store, &registry::slot_name(slot), |v| match v.and_then(registry::Entry::decode) {
-        Some(e) if &e.key == key && e.live(now_ms) => {
-            let updated = registry::Entry { expires_at: e.expires_at.max(expires_at), ..e };
-            (true, Some(updated.encode()))
-        }
-        _ => (false, None),
-    })
-    .unwrap_or(false)
 }

@@ -1,6 +1,8 @@
 //! Server-Sent-Events streams, free of host calls: where the filter may put its own bytes into an
-//! upstream event stream (`framing`) and what it must put there when (`session`).
+//! upstream event stream (`framing`), what it must put there when (`session`), and the Envoy-wide
+//! bookkeeping of open streams (`presence`) and of their refreshes (`refresh`).
 
 pub mod framing;
-pub mod registry;
+pub mod presence;
+pub mod refresh;
 pub mod session;

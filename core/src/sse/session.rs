@@ -20,6 +20,8 @@ pub enum Injection {
 pub enum ExpiryReason {
     TokenExpired,
     MaxDuration,
+    /// A re-verification was refused: the credential was revoked.
+    Revoked,
 }
 
 const HEARTBEAT: &[u8] = b": heartbeat\n\n";
@@ -27,6 +29,7 @@ const CHALLENGE: &[u8] =
     b"event: challenge\ndata: {\"method\":\"POST\",\"headers\":{\"content-type\":\"application/x-challenge-response\"}}\n\n";
 const EXPIRED_TOKEN: &[u8] = b"event: expired\ndata: {\"reason\":\"token_expired\"}\n\n";
 const EXPIRED_MAX: &[u8] = b"event: expired\ndata: {\"reason\":\"max_duration\"}\n\n";
+const EXPIRED_REVOKED: &[u8] = b"event: expired\ndata: {\"reason\":\"revoked\"}\n\n";
 
 impl Injection {
     /// The exact bytes written to the client. Each is a complete comment or event followed by a
@@ -37,6 +40,7 @@ impl Injection {
             Injection::Challenge => CHALLENGE,
             Injection::Expired(ExpiryReason::TokenExpired) => EXPIRED_TOKEN,
             Injection::Expired(ExpiryReason::MaxDuration) => EXPIRED_MAX,
+            Injection::Expired(ExpiryReason::Revoked) => EXPIRED_REVOKED,
         }
     }
 
@@ -46,6 +50,17 @@ impl Injection {
             Injection::Heartbeat => "heartbeat",
             Injection::Challenge => "challenge",
             Injection::Expired(_) => "expired",
+        }
+    }
+}
+
+impl ExpiryReason {
+    /// The `reason` of the `expired` event: `token_expired`, `max_duration` or `revoked`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiryReason::TokenExpired => "token_expired",
+            ExpiryReason::MaxDuration => "max_duration",
+            ExpiryReason::Revoked => "revoked",
         }
     }
 }
@@ -152,6 +167,18 @@ impl Session {
         }
     }
 
+    /// A re-verification's verdict: the expiry becomes `expires_at_sec`, later or earlier. Returns
+    /// true if it changed. Ignored (false) for a development-mode stream and a finished session.
+    pub fn set_expiry(&mut self, expires_at_sec: u64) -> bool {
+        match self.expires_at_sec {
+            Some(current) if !self.finished && expires_at_sec != current => {
+                self.expires_at_sec = Some(expires_at_sec);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn expires_at_sec(&self) -> Option<u64> {
         self.expires_at_sec
     }
@@ -205,6 +232,8 @@ mod tests {
             heartbeat_interval_sec: heartbeat,
             challenge_before_expiry_sec: challenge,
             max_connection_sec: max,
+            reverify_interval_sec: 0,
+            max_streams_per_user: 0,
         }
     }
 
@@ -460,7 +489,7 @@ mod tests {
         let mut rand = move |n: u64| rng.below(n);
         let configs = [cfg(15, 30, 900), cfg(1, 0, 300), cfg(7, 120, 1_200), cfg(60, 5, 90), cfg(3, 3, 400)];
         let mut checked = 0u64;
-        let mut seen = [0u64; 4];
+        let mut seen = [0u64; 5];
         for (n, c) in configs.iter().enumerate() {
             for run in 0..4u64 {
                 let opened = T0 + rand(1_000);
@@ -489,6 +518,7 @@ mod tests {
                             Injection::Challenge => 1,
                             Injection::Expired(ExpiryReason::TokenExpired) => 2,
                             Injection::Expired(ExpiryReason::MaxDuration) => 3,
+                            Injection::Expired(ExpiryReason::Revoked) => 4,
                         }] += 1;
                         changed = true;
                     }
@@ -520,6 +550,6 @@ mod tests {
             }
         }
         assert!(checked > 50_000, "{checked}");
-        assert!(seen.iter().all(|&k| k > 0), "{seen:?}");
+        assert!(seen.iter().take(4).all(|&k| k > 0), "{seen:?}");
     }
 }
