@@ -1,12 +1,14 @@
 //! The shared-data decoders — `auth::cache::Entry::decode`, `resilience::breaker::State::decode`,
-//! `resilience::limiter::Bucket::decode`, `sse::registry::Entry::decode` — on arbitrary bytes, and
-//! the state machines that consume what they decode (breaker admit/record, bucket take, cache and
-//! registry slot choice) at arbitrary times and settings.
+//! `resilience::limiter::Bucket::decode`, `sse::refresh::Entry::decode`,
+//! `sse::presence::Bucket::decode` — on arbitrary bytes, and the state machines that consume what
+//! they decode (breaker admit/record, bucket take, cache and refresh slot choice, presence counts)
+//! at arbitrary times and settings.
 //!
 //! Shared data is written only by this filter, but a VM of an older build, a torn value or a bug
 //! must never panic a worker: every decoder is total, and what it decodes round-trips.
 //! Properties: no panic (overflow checks on); `decode(encode(x)) == x`; a decoded cache entry and
-//! registry entry re-encode to the bytes they came from; slots are in range; a bucket never allows
+//! refresh record re-encode to the bytes they came from; a presence bucket never holds more than
+//! `PER_BUCKET` records, and a count change is exact (+1 then -1 is back to the same count); slots are in range; a bucket never allows
 //! more than its capacity and its write never exceeds capacity; the breaker never rejects with a
 //! zero wait and only a probe closes it from half-open.
 #![no_main]
@@ -17,7 +19,7 @@ use revenprox::auth::cache;
 use revenprox::resilience::breaker::{self, Admit, Settings};
 use revenprox::resilience::limiter::Bucket;
 use revenprox::shared::slots;
-use revenprox::sse::registry;
+use revenprox::sse::{presence, refresh};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -59,23 +61,38 @@ fuzz_target!(|x: Input| {
         assert!(until > now && until <= x.expires_at.saturating_mul(1000));
     }
 
-    // Stream registry slots.
-    let ra = registry::Entry::decode(&x.a);
-    let rb = registry::Entry::decode(&x.b);
-    if let Some(e) = ra {
-        assert_eq!(e.encode(), x.a[..48].to_vec());
-        assert_eq!(registry::Entry::decode(&e.encode()), Some(e));
+    // Refresh record slots.
+    let ra = refresh::Entry::decode(&x.a);
+    let rb = refresh::Entry::decode(&x.b);
+    if let Some(e) = &ra {
+        assert_eq!(e.encode(), x.a, "a refresh record re-encodes to its bytes");
+        assert_eq!(refresh::Entry::decode(&e.encode()).as_ref(), Some(e));
     }
-    let rkey = registry::key(&String::from_utf8_lossy(&x.b), "0123456789abcdef0123456789abcdef");
-    let [r0, r1] = registry::slots(&rkey);
-    assert!(r0 < registry::SLOTS && r1 < registry::SLOTS);
+    let rkey = refresh::key(&String::from_utf8_lossy(&x.b), "0123456789abcdef0123456789abcdef");
+    let [r0, r1] = refresh::slots(&rkey);
+    assert!(r0 < refresh::SLOTS && r1 < refresh::SLOTS);
     let rpair = [ra, rb];
     assert!(slots::place(&rkey, now, &rpair) < 2);
     if let Some((i, e)) = slots::find(&rkey, now, &rpair) {
         assert!(i < 2 && e.key == rkey && e.live(now));
     }
-    let t = registry::touched(ra, &rkey, now);
-    assert!(t.key == rkey && t.seen_ms == now);
+
+    // Presence buckets.
+    let mut bucket = presence::Bucket::decode(&x.a);
+    assert!(bucket.records.len() <= presence::PER_BUCKET);
+    assert_eq!(presence::Bucket::decode(&bucket.encode()), bucket);
+    let pkey = presence::user_key(&String::from_utf8_lossy(&x.b));
+    let worker = x.rate;
+    let before = bucket.count(&pkey, now);
+    if bucket.change(&pkey, worker, 1, now) {
+        assert!(bucket.records.len() <= presence::PER_BUCKET);
+        assert!(bucket.count(&pkey, now) >= 1);
+        assert!(bucket.change(&pkey, worker, -1, now));
+        // Dead records may have gone, live ones stay: the count is back (or was only dead ones).
+        assert!(bucket.count(&pkey, now) <= before);
+    }
+    let [p0, p1] = presence::buckets(&pkey);
+    assert!(p0 < presence::BUCKETS && p1 < presence::BUCKETS);
 
     // Circuit breaker.
     let s = Settings { threshold: x.threshold, open_ms: x.open_ms, probe_timeout_ms: x.probe_timeout_ms };

@@ -79,7 +79,7 @@ const RECORD: usize = 16 + 4 + 4 + 8;
 
 impl Record {
     fn live(&self, now_ms: u64) -> bool {
-        self.count > 0 && now_ms < self.touched_ms.saturating_add(STALE_MS)
+        self.count > 0 && now_ms.saturating_sub(self.touched_ms) < STALE_MS
     }
 }
 
