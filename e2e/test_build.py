@@ -1,7 +1,11 @@
-"""The built artifact itself: small enough to ship in a config map, and a proxy-wasm module."""
+"""The built artifact itself: small enough to ship in a config map, and a proxy-wasm module; and
+the generated sources it is built from."""
 import re
+import subprocess
+import sys
+import unicodedata
 
-from helpers import WASM
+from helpers import REPO, WASM
 
 MAX_BYTES = 300 * 1024
 
@@ -25,3 +29,17 @@ def test_shipped_wasm_has_no_fault_injection():
     # e2e/test_vm_failure.py), so its absence here means the feature is off.
     found = b"x-revenprox-fault" in WASM.read_bytes()
     assert not found, f"{WASM} was built with the fault-injection feature"
+
+
+def test_nfkc_table_is_generated_from_unicode_data(tmp_path):
+    # core/src/auth/nfkc.rs is generated from Python's unicodedata by tools/gen_nfkc_table.py: a
+    # hand edit, or a table left behind by a change of the generator, differs from its output here.
+    committed = REPO / "core/src/auth/nfkc.rs"
+    fresh = tmp_path / "nfkc.rs"
+    subprocess.run([sys.executable, str(REPO / "tools/gen_nfkc_table.py"), str(fresh)], check=True,
+                   capture_output=True, timeout=120)
+    version = re.search(rb'UNICODE_VERSION: &str = "([^"]*)"', committed.read_bytes())
+    assert fresh.read_bytes() == committed.read_bytes(), (
+        f"{committed} is not what tools/gen_nfkc_table.py generates (committed table: Unicode "
+        f"{version.group(1).decode() if version else '?'}, this Python {sys.version.split()[0]}: "
+        f"Unicode {unicodedata.unidata_version}); regenerate it with `python3 tools/gen_nfkc_table.py`")

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod gate;
+pub mod nfkc;
 pub mod percent;
 pub mod precheck;
 pub mod reply;
