@@ -23,12 +23,13 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "circuit_breaker_threshold",
             "circuit_breaker_timeout_sec",
             "rate_limit_per_sec",
+            "rate_limit_per_client_per_sec",
             "require_authentication",
             "precheck",
         ],
     ),
-    ("token", &["query_params", "ticket_params", "cookie", "strip_from_upstream"]),
-    ("topic", &["path_prefix"]),
+    ("token", &["query_params", "ticket_params", "cookie", "strip_from_upstream", "forward_to_upstream"]),
+    ("topic", &["path_prefix", "other_paths"]),
     (
         "sse",
         &[
@@ -75,6 +76,8 @@ pub struct VerifierConfig {
     pub circuit_breaker_threshold: u32,
     pub circuit_breaker_timeout_sec: u64,
     pub rate_limit_per_sec: u32,
+    /// One client address's share of `rate_limit_per_sec` (`resilience::clients`).
+    pub rate_limit_per_client_per_sec: u32,
     pub require_authentication: bool,
     pub precheck: bool,
 }
@@ -94,11 +97,26 @@ pub struct TokenConfig {
     /// Empty: the cookie channel is off.
     pub cookie: String,
     pub strip_from_upstream: bool,
+    /// Forward the `Authorization` header and the token cookie to the upstream (by default they
+    /// are removed from allowed requests, like `jwt_authn`'s `forward: false`).
+    pub forward_to_upstream: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicConfig {
     pub path_prefix: String,
+    /// What the filter does with a path outside `path_prefix`.
+    pub other_paths: OtherPaths,
+}
+
+/// `topic.other_paths`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherPaths {
+    /// `"deny"`: 404 `no_topic`, never forwarded.
+    Deny,
+    /// `"pass"`: forwarded without an identity (the client's identity header removed, token
+    /// parameters stripped), unless some upstream could read the path as a topic path (then 404).
+    Pass,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,6 +433,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
             "must be at least 1 while caching is on (set jwt_verifier.cache_ttl_sec to 0 to turn it off)",
         );
     }
+    let rate_limit_per_sec = jv.uint32("rate_limit_per_sec", 1_000, 1, 1_000_000)?;
     let verifier = VerifierConfig {
         webhook,
         timeout_ms: jv.uint("timeout_ms", 5_000, 1, MAX_TIMEOUT_MS)?,
@@ -423,7 +442,13 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         cache_max_size,
         circuit_breaker_threshold: jv.uint32("circuit_breaker_threshold", 10, 1, 1_000_000)?,
         circuit_breaker_timeout_sec: jv.uint("circuit_breaker_timeout_sec", 60, 1, MAX_TTL_SEC)?,
-        rate_limit_per_sec: jv.uint32("rate_limit_per_sec", 1_000, 1, 1_000_000)?,
+        rate_limit_per_sec,
+        rate_limit_per_client_per_sec: jv.uint32(
+            "rate_limit_per_client_per_sec",
+            rate_limit_per_sec.div_ceil(2),
+            1,
+            1_000_000,
+        )?,
         require_authentication,
         precheck: jv.boolean("precheck", true)?,
     };
@@ -438,6 +463,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         ticket_params: tk.param_list("ticket_params", &["ticket"])?,
         cookie,
         strip_from_upstream: tk.boolean("strip_from_upstream", true)?,
+        forward_to_upstream: tk.boolean("forward_to_upstream", false)?,
     };
     if let Some(dup) = token.ticket_params.iter().find(|t| token.query_params.contains(t)) {
         return err("token.ticket_params", format_args!("{dup:?} is also listed in token.query_params"));
@@ -453,6 +479,11 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
             format_args!("{path_prefix:?} must be a path that starts and ends with '/'"),
         );
     }
+    let other_paths = match tp.string("other_paths", "deny")?.as_str() {
+        "deny" => OtherPaths::Deny,
+        "pass" => OtherPaths::Pass,
+        other => return err("topic.other_paths", format_args!("{other:?} is not \"deny\" or \"pass\"")),
+    };
 
     let ss = top.section("sse")?;
     let sse = SseConfig {
@@ -473,7 +504,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         return err("user_header", format_args!("{user_header:?} is a reserved header"));
     }
 
-    Ok(Config { verifier, token, topic: TopicConfig { path_prefix }, sse, user_header })
+    Ok(Config { verifier, token, topic: TopicConfig { path_prefix, other_paths }, sse, user_header })
 }
 
 #[cfg(test)]
@@ -623,6 +654,26 @@ mod tests {
                 "sse.heartbeat_interval_sec",
             ),
             (
+                r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a"},"sse":{"reverify_interval_sec":86401}}"#,
+                "sse.reverify_interval_sec",
+            ),
+            (
+                r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a"},"sse":{"max_streams_per_user":-1}}"#,
+                "sse.max_streams_per_user",
+            ),
+            (
+                r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a"},"sse":{"max_streams_per_user":"2"}}"#,
+                "sse.max_streams_per_user",
+            ),
+            (
+                r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a"},"topic":{"other_paths":"allow"}}"#,
+                "topic.other_paths",
+            ),
+            (
+                r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a"},"token":{"forward_to_upstream":"yes"}}"#,
+                "token.forward_to_upstream",
+            ),
+            (
                 r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a"},"user_header":"bad header"}"#,
                 "user_header",
             ),
@@ -727,8 +778,12 @@ mod tests {
             let (section, name) = key.split_once('.').unwrap_or(("", key));
             let value = if name.ends_with("_params") {
                 "[\"p\"]".to_string()
-            } else if ["require_authentication", "precheck", "strip_from_upstream"].contains(&name) {
+            } else if ["require_authentication", "precheck", "strip_from_upstream", "forward_to_upstream"]
+                .contains(&name)
+            {
                 "true".to_string()
+            } else if name == "other_paths" {
+                "\"pass\"".to_string()
             } else if ["webhook_url", "webhook_cluster", "cookie", "path_prefix", "user_header"]
                 .contains(&name)
             {

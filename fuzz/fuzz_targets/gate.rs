@@ -13,12 +13,13 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use fuzz_support::{assert_topic_is_served, reference, CfgSpec};
+use fuzz_support::{assert_not_under_prefix, assert_topic_is_served, reference, CfgSpec};
 use libfuzzer_sys::fuzz_target;
 use revenprox::auth::gate::{self, Request, Step, CHALLENGE_RESPONSE};
 use revenprox::auth::reply::Code;
 use revenprox::auth::token::{self, Kind, RequestParts};
 use revenprox::auth::{cache, precheck, topic};
+use revenprox::config::OtherPaths;
 
 #[derive(Arbitrary, Debug)]
 enum Method {
@@ -82,6 +83,11 @@ fuzz_target!(|input: Input| {
     let reauth_possible = method.eq_ignore_ascii_case(b"POST") && content_type.is_some();
 
     match &step {
+        Step::Other => {
+            assert!(cfg.topic.other_paths == OtherPaths::Pass, "Other while other_paths is deny");
+            assert!(segment.is_none(), "a topic path passed as another path: {path:?}");
+            assert_not_under_prefix(prefix, path_only);
+        }
         Step::Pass => {
             assert!(!cfg.verifier.require_authentication, "Pass while authentication is required");
             if !cfg.development_mode() {
@@ -133,12 +139,13 @@ fuzz_target!(|input: Input| {
         }
     }
 
-    // Authentication required and nothing that could be a credential: always refused.
+    // Authentication required and nothing that could be a credential: always refused (or, with
+    // other_paths pass, passed as a path that is no topic path).
     if cfg.verifier.require_authentication
         && input.authorization.is_none()
         && input.cookie.is_none()
         && query.is_none()
     {
-        assert!(matches!(step, Step::Reply(_)), "{step:?}");
+        assert!(matches!(step, Step::Reply(_) | Step::Other), "{step:?}");
     }
 });

@@ -76,10 +76,15 @@ fuzz_target!(|input: Input| {
     let token = input.token;
     if token.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
         let topic = "0123456789abcdef0123456789abcdef";
-        let body = verdict::request_body(&token, topic);
+        let body = verdict::request_body(&token, topic, false);
         assert_eq!(body, format!("{{\"jwt\":\"{token}\",\"topic\":\"{topic}\"}}"));
+        let body = verdict::request_body(&token, topic, true);
+        assert_eq!(body, format!("{{\"jwt\":\"{token}\",\"topic\":\"{topic}\",\"kind\":\"ticket\"}}"));
     }
-    let body = verdict::request_body(&token, "t");
+    let body = verdict::request_body(&token, "t", false);
     let parsed: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("request body {body:?}: {e}"));
     assert_eq!(parsed, serde_json::json!({"jwt": token, "topic": "t"}));
+    let body = verdict::request_body(&token, "t", true);
+    let parsed: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("request body {body:?}: {e}"));
+    assert_eq!(parsed, serde_json::json!({"jwt": token, "topic": "t", "kind": "ticket"}));
 });

@@ -26,6 +26,8 @@ pub struct CfgSpec {
     pub mode: u8,
     pub precheck: bool,
     pub cache_off: bool,
+    /// `topic.other_paths: "pass"`.
+    pub other_paths_pass: bool,
 }
 
 /// A short parameter/cookie name from an alphabet that makes collisions with the defaults likely.
@@ -77,7 +79,8 @@ impl CfgSpec {
             token["cookie"] = json!(c.text());
         }
         let prefix = PREFIXES.get(usize::from(self.prefix) % PREFIXES.len()).copied().unwrap_or("/events/");
-        json!({"jwt_verifier": jv, "token": token, "topic": {"path_prefix": prefix}})
+        let other = if self.other_paths_pass { "pass" } else { "deny" };
+        json!({"jwt_verifier": jv, "token": token, "topic": {"path_prefix": prefix, "other_paths": other}})
     }
 
     pub fn build(&self) -> Config {
@@ -118,6 +121,32 @@ pub fn assert_topic_is_served(prefix: &str, seg: &str, path: &str) {
                 .strip_prefix(&authorized)
                 .is_some_and(|r| authorized.ends_with('/') || r.starts_with('/'));
         assert!(ok, "path {path:?}: topic {seg:?} authorized, upstream may serve {served:?}");
+    }
+}
+
+/// A path the filter passed as "not a topic path" is not one to an upstream either, however it
+/// reads it: percent-decoded once or twice (the reference decoder), ASCII case ignored, then
+/// normalized (RFC 3986 dot removal, with or without merged slashes and dropped `;` parameters).
+pub fn assert_not_under_prefix(prefix: &str, path: &str) {
+    let base = prefix.trim_end_matches('/').to_ascii_lowercase();
+    if base.is_empty() {
+        panic!("every path is under prefix {prefix:?}, yet {path:?} passed as another path");
+    }
+    let once =
+        reference::percent_decode(path.as_bytes(), false).map(|b| String::from_utf8_lossy(&b).to_string());
+    let twice = once
+        .as_ref()
+        .and_then(|p| reference::percent_decode(p.as_bytes(), false))
+        .map(|b| String::from_utf8_lossy(&b).to_string());
+    for reading in [Some(path.to_string()), once, twice].into_iter().flatten() {
+        for (merge, params) in [(false, false), (true, false), (false, true), (true, true)] {
+            let served =
+                reference::normalize_path(&reading.replace('\\', "/"), merge, params).to_ascii_lowercase();
+            assert!(
+                !(served == base || served.starts_with(&format!("{base}/"))),
+                "{path:?} passed as another path, but an upstream may serve {served:?} under {prefix:?}"
+            );
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! bookkeeping lives inside the SDK (HTTP callouts, context switching) still go through it.
 
 use proxy_wasm::types::{BufferType, MapType, Status, StreamType};
-use std::ptr::{null, null_mut};
+use std::ptr::null_mut;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -81,6 +81,18 @@ extern "C" {
     fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
     fn proxy_set_tick_period_milliseconds(period: u32) -> Status;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> Status;
 }
 
 fn check(status: Status) -> Result<(), Status> {
@@ -232,12 +244,28 @@ fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
-/// A local reply: Envoy answers the client itself and the request goes no further.
-pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
+/// A local reply: Envoy answers the client itself and the request goes no further. `details`
+/// becomes the request's `%RESPONSE_CODE_DETAILS%` (the template's access log prints the query
+/// of requests whose details say the filter saw them).
+pub fn send_response(
+    status: u32,
+    details: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<(), Status> {
     let map = serialize_headers(headers);
     // SAFETY: pointers valid for their lengths for the duration of the call.
     check(unsafe {
-        proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1)
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            map.as_ptr(),
+            map.len(),
+            -1,
+        )
     })
 }
 
@@ -302,6 +330,32 @@ pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
 pub fn set_tick_period_ms(ms: u64) -> Result<(), Status> {
     // SAFETY: plain call without pointers.
     check(unsafe { proxy_set_tick_period_milliseconds(u32::try_from(ms).unwrap_or(u32::MAX)) })
+}
+
+/// A property path as the host reads it: the parts separated by NUL bytes.
+fn property_path(path: &[&str]) -> Vec<u8> {
+    path.join("\0").into_bytes()
+}
+
+/// A host property (`["source", "address"]`: the downstream address), `Ok(None)` when absent.
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+    let path = property_path(path);
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes an allocated buffer to data/size on Ok.
+    match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+        Status::Ok => Ok((!data.is_null()).then(|| unsafe { owned(data, size) })),
+        Status::NotFound => Ok(None),
+        other => Err(other),
+    }
+}
+
+/// Sets a property of the stream (Envoy keeps it in the stream's filter state as `wasm.<name>`,
+/// where an access log can print it).
+pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
+    let path = property_path(path);
+    // SAFETY: pointers valid for their lengths for the duration of the call.
+    check(unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) })
 }
 
 /// Up to `max` bytes of a buffer (empty when the host has none).

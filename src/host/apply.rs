@@ -84,11 +84,13 @@ fn perform(w: &Worker, effect: Effect) -> Option<Receipt> {
         Effect::Reply { ref reply, .. } => {
             let headers = reply.headers();
             let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let result = abi::send_response(reply.code.status(), &headers, reply.body().as_bytes());
+            let details = format!("revenprox_{}", reply.code.as_str());
+            let result = abi::send_response(reply.code.status(), &details, &headers, reply.body().as_bytes());
             failed_if(effect, result)
         }
         Effect::NoContent { .. } => {
-            let result = abi::send_response(204, &[("cache-control", "no-store")], b"");
+            let result =
+                abi::send_response(204, "revenprox_refreshed", &[("cache-control", "no-store")], b"");
             failed_if(effect, result)
         }
         Effect::RemoveResponseHeader { name, .. } => {
@@ -118,6 +120,10 @@ fn perform(w: &Worker, effect: Effect) -> Option<Receipt> {
         }
         Effect::Close { .. } => {
             let _ = abi::close_response();
+            None
+        }
+        Effect::SetEnd { reason, .. } => {
+            let _ = abi::set_property(&["revenprox_end"], reason.as_bytes());
             None
         }
         Effect::Dispatch { from, key, call } => {

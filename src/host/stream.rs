@@ -62,7 +62,12 @@ impl HttpContext for Stream {
             let reply = Reply::new(Code::AuthUnavailable, "the filter is not configured");
             let headers = reply.headers();
             let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let _ = abi::send_response(reply.code.status(), &headers, reply.body().as_bytes());
+            let _ = abi::send_response(
+                reply.code.status(),
+                "revenprox_not_configured",
+                &headers,
+                reply.body().as_bytes(),
+            );
             return Action::Pause;
         };
         // One host call for all request headers.
@@ -74,7 +79,10 @@ impl HttpContext for Stream {
             core::arch::wasm32::unreachable();
         }
         let now = now_ms();
-        let flow = w.engine.borrow_mut().request_headers(self.id, &headers, now);
+        // Read only when the request needs the webhook (never on a cache hit).
+        let mut downstream =
+            || abi::property(&["source", "address"]).ok().flatten().and_then(|a| String::from_utf8(a).ok());
+        let flow = w.engine.borrow_mut().request_headers(self.id, &headers, &mut downstream, now);
         action(apply::run(w, self.id, flow, now))
     }
 

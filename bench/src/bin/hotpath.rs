@@ -19,7 +19,9 @@ use auth::gate::{self, Request, Step};
 use auth::{cache, precheck, token, topic, verdict};
 use common::{Args, unsigned_token};
 use sse::framing::Framing;
-use sse::registry;
+use revenprox_core::engine::{Engine, Flow};
+use revenprox_core::shared::{self, MemStore, SharedStore};
+use sse::presence;
 use sse::session::Session;
 use std::hint::black_box;
 use std::time::Instant;
@@ -35,8 +37,9 @@ struct Fixture {
     path: String,
     topic_id: String,
     key: cache::Key,
-    cache_slots: [Vec<u8>; 2],
-    registry_slot: Vec<u8>,
+    /// The shared cache holding the fixture's verdict in one of its two slots (another in the other).
+    store: MemStore,
+    presence_bucket: Vec<u8>,
     verdict_body: Vec<u8>,
     event: Vec<u8>,
     /// ~16 KB of events, as Envoy reads them from a fast upstream (the flood figure).
@@ -54,12 +57,17 @@ fn fixture() -> Fixture {
     let now_ms = common::now_sec() * 1000;
     let hit = cache::Entry { key, until_ms: now_ms + 300_000, expires_at: now_ms / 1000 + 3600, user_id: "user-42".into() };
     let other = cache::Entry { key: [7; 32], until_ms: now_ms + 300_000, expires_at: 1, user_id: "user-7".into() };
-    let rk = registry::key("user-42", &topic_id);
+    let mut store = MemStore::new();
+    let [a, b] = cache::slots(&key, cfg.verifier.cache_max_size);
+    let _ = store.set(&cache::slot_name(a), &other.encode(), None);
+    let _ = store.set(&cache::slot_name(b), &hit.encode(), None);
+    let mut bucket = presence::Bucket::default();
+    bucket.change(&presence::stream_key("user-7", &topic_id), 1, 1, now_ms);
     Fixture {
         bearer: format!("Bearer {token}"),
         path: "/events/bench?mode=short".into(),
-        cache_slots: [other.encode(), hit.encode()],
-        registry_slot: registry::Entry { key: rk, seen_ms: now_ms, expires_at: 0 }.encode(),
+        store,
+        presence_bucket: bucket.encode(),
         verdict_body: format!(r#"{{"valid":true,"user_id":"user-42","expires_at":{}}}"#, now_ms / 1000 + 3600).into_bytes(),
         event: format!("data: {{\"t\":{},\"n\":1,\"p\":\"{}\"}}\n\n", common::now_ns(), "x".repeat(64)).into_bytes(),
         flood_chunk: (0..FLOOD_EVENTS)
@@ -76,27 +84,47 @@ fn request<'a>(f: &'a Fixture) -> Request<'a> {
     Request { method: b"GET", path: &f.path, content_type: None, authorization: Some(f.bearer.as_bytes()), cookie: None }
 }
 
-/// The cache lookup as `host::shared::cache_get` does it, with the two slot reads (host calls)
-/// replaced by copies of the stored bytes.
+/// The shipped cache lookup (`shared::cache_get`) over an in-memory store (the host's two slot
+/// reads are copies of the stored bytes here).
 fn cache_lookup(f: &Fixture, now_ms: u64) -> Option<cache::Entry> {
-    let [a, b] = cache::slots(&f.key, f.cfg.verifier.cache_max_size);
-    let names = [cache::slot_name(a), cache::slot_name(b)];
-    black_box(&names);
-    let get = |i: usize| cache::Entry::decode(&f.cache_slots[i].clone());
-    let candidates = [get(0), get(1)];
-    cache::find(&f.key, now_ms, &candidates).cloned()
+    shared::cache_get(&f.store, &f.key, f.cfg.verifier.cache_max_size, now_ms)
 }
 
-/// What a stream open costs in the pure part (`sessions::open` + `shared::registry_touch`).
+/// What a stream's registration costs in the pure part: its presence key (SHA-256), one bucket
+/// decoded, changed and encoded, and its session.
 fn session_open(f: &Fixture, now_ms: u64) -> Session {
-    let rk = registry::key("user-42", &f.topic_id);
-    let [a, b] = registry::slots(&rk);
-    black_box((registry::slot_name(a), registry::slot_name(b)));
-    let c = [registry::Entry::decode(&f.registry_slot.clone()), None];
-    let slot = registry::place(&rk, now_ms, &c);
-    let e = registry::touched(c[slot], &rk, now_ms).encode();
-    black_box(e);
+    let key = presence::stream_key("user-42", &f.topic_id);
+    let [a, b] = presence::buckets(&key);
+    black_box((presence::bucket_name(a), presence::bucket_name(b)));
+    let mut bucket = presence::Bucket::decode(&f.presence_bucket);
+    bucket.change(&key, 1, 1, now_ms);
+    black_box(bucket.encode());
     Session::new(&f.cfg.sse, now_ms, Some(now_ms / 1000 + 3600))
+}
+
+thread_local! {
+    /// A warm engine: the fixture's token is in its local cache.
+    static ENGINE: std::cell::RefCell<Option<Engine<MemStore>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The shipped engine's request path for a token in its local cache: gate, local LRU hit,
+/// identity and credential effects, as `on_http_request_headers` runs it (host calls excluded).
+fn engine_cache_hit(f: &Fixture, now_ms: u64) -> u64 {
+    ENGINE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let engine = slot.get_or_insert_with(|| Engine::new(f.cfg.clone(), f.store.clone(), 1, 1, true, false, now_ms));
+        let headers = vec![
+            (":method".to_string(), b"GET".to_vec()),
+            (":path".to_string(), f.path.as_bytes().to_vec()),
+            ("authorization".to_string(), f.bearer.as_bytes().to_vec()),
+        ];
+        let flow = engine.request_headers(2, &headers, &mut || None, now_ms);
+        let effects = engine.take_effects();
+        engine.stream_done(2, now_ms);
+        engine.take_effects();
+        engine.take_metrics();
+        u64::from(flow == Flow::Continue) + effects.len() as u64
+    })
 }
 
 type Case = (&'static str, &'static str, fn(&Fixture, u64) -> u64);
@@ -108,6 +136,7 @@ const CASES: &[Case] = &[
         let ident = hit.map(|h| (h.user_id.clone(), v.topic_id.clone(), h.expires_at));
         black_box(ident).is_some() as u64
     }),
+    ("engine_cache_hit", "Engine::request_headers for a token in the local cache (+ stream_done)", engine_cache_hit),
     ("gate_admit", "gate::admit: topic id, token extraction, precheck, cache key", |f, now| {
         matches!(gate::admit(&f.cfg, &request(f), now / 1000), Step::Verify(_)) as u64
     }),
@@ -126,10 +155,10 @@ const CASES: &[Case] = &[
     ("cache_lookup", "cache slots + 2 slot names + 2 Entry::decode + find (host reads excluded)", |f, now| {
         cache_lookup(f, now).is_some() as u64
     }),
-    ("session_open", "registry key (SHA-256) + touch encode/decode + Session::new", |f, now| {
+    ("session_open", "presence key (SHA-256) + bucket decode/change/encode + Session::new", |f, now| {
         session_open(f, now).next_deadline_ms().unwrap_or(0)
     }),
-    ("webhook_body", "verdict::request_body (cache miss)", |f, _| verdict::request_body(&f.token, &f.topic_id).len() as u64),
+    ("webhook_body", "verdict::request_body (cache miss)", |f, _| verdict::request_body(&f.token, &f.topic_id, false).len() as u64),
     ("verdict_parse", "verdict::parse of a 200 answer (cache miss)", |f, now| {
         matches!(verdict::parse(Some(200), &f.verdict_body, now / 1000), verdict::Verdict::Allow { .. }) as u64
     }),

@@ -5,11 +5,12 @@
 //! It is pure: time comes in as an argument, and nothing here calls the host.
 
 use super::cache;
+use super::canonical;
 use super::precheck;
 use super::reply::{Code, Reply};
 use super::token::{self, Credential, Kind, RequestParts, TokenError};
 use super::topic;
-use crate::config::Config;
+use crate::config::{Config, OtherPaths};
 
 /// The request data the gate reads.
 pub struct Request<'a> {
@@ -28,6 +29,9 @@ pub enum Step {
     /// Pass upstream without an identity (development mode, or optional authentication without a
     /// token).
     Pass,
+    /// A path outside the topic prefix, with `topic.other_paths: "pass"`: forwarded without an
+    /// identity; no spelling of it can be read as a topic path.
+    Other,
     /// Verify `credential` for the topic; forward on success.
     Verify(Verification),
 }
@@ -41,6 +45,11 @@ pub struct Verification {
     /// A challenge response: on success the filter answers 204 itself and the user's open
     /// streams on the topic take the new expiry; the request is never forwarded.
     pub reauth: bool,
+    /// The client address's key (`resilience::clients`), when the verification needs the webhook:
+    /// its share of the budget and its circuit. `None` for the filter's own re-verifications.
+    pub client: Option<[u8; 32]>,
+    /// This verification is its client's half-open probe.
+    pub client_probe: bool,
 }
 
 impl Verification {
@@ -96,6 +105,10 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
         return Step::Pass;
     }
     let Some(topic_id) = topic::segment(path_only, &cfg.topic.path_prefix).and_then(topic::id) else {
+        let prefix = &cfg.topic.path_prefix;
+        if cfg.topic.other_paths == OtherPaths::Pass && !canonical::under_prefix(path_only, prefix) {
+            return Step::Other;
+        }
         return Step::Reply(Reply::new(Code::NoTopic, "the path names no topic"));
     };
     let parts = RequestParts { authorization: req.authorization, cookie: req.cookie, query };
@@ -136,7 +149,7 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
             "development mode: there is no session to re-authorize",
         ));
     }
-    Step::Verify(Verification { credential, topic_id, cacheable, reauth })
+    Step::Verify(Verification { credential, topic_id, cacheable, reauth, client: None, client_probe: false })
 }
 
 #[cfg(test)]
@@ -262,6 +275,30 @@ mod tests {
             panic!()
         };
         assert!(!v.cacheable);
+    }
+
+    #[test]
+    fn other_paths_pass_unless_an_upstream_could_read_a_topic_path() {
+        let pass = cfg(r#","topic":{"other_paths":"pass"}"#);
+        for path in ["/", "/healthz", "/api/me?token=x", "/even", "/static/app.js"] {
+            assert_eq!(run(&pass, path, None), Step::Other, "{path}");
+        }
+        for path in [
+            "//events/news",
+            "/%65vents/news",
+            "/Events/news",
+            "/events",
+            "/eventsfoo",
+            "/events/",
+            "/x/../events/news",
+            "/%EF%BD%85vents/news",
+            "/events;x/news",
+            "/events/news/%E2%80%A5/sports",
+        ] {
+            assert_eq!(code(run(&pass, path, Some("Bearer x.y.z"))), "no_topic", "{path}");
+        }
+        // The default refuses every path that names no topic.
+        assert_eq!(code(run(&cfg(""), "/healthz", None)), "no_topic");
     }
 
     #[test]

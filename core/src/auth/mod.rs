@@ -2,6 +2,7 @@
 //! webhook said, what the cache keeps.
 
 pub mod cache;
+pub mod canonical;
 pub mod gate;
 pub mod nfkc;
 pub mod percent;

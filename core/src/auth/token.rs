@@ -140,6 +140,18 @@ pub fn extract(cfg: &TokenConfig, req: &RequestParts) -> Result<Credential, Toke
     Err(TokenError::Missing)
 }
 
+/// A `Cookie` header value without the cookie(s) named `name` (the others keep their bytes and
+/// order, joined by `; `). `None` when nothing is left.
+pub fn strip_cookie(header: &[u8], name: &str) -> Option<Vec<u8>> {
+    let kept: Vec<&[u8]> = header
+        .split(|b| *b == b';')
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty())
+        .filter(|c| c.split(|b| *b == b'=').next().map(<[u8]>::trim_ascii) != Some(name.as_bytes()))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(&b"; "[..]))
+}
+
 /// The query string with every token and ticket parameter removed (other parameters keep their
 /// order and their exact bytes). `None` when nothing is left.
 ///
@@ -173,6 +185,7 @@ mod tests {
             ticket_params: vec!["ticket".into()],
             cookie: "revenprox_token".into(),
             strip_from_upstream: true,
+            forward_to_upstream: false,
         }
     }
 
@@ -182,6 +195,22 @@ mod tests {
 
     fn get(auth: Option<&str>, query: Option<&str>, cookie: Option<&str>) -> Result<Credential, TokenError> {
         extract(&cfg(), &parts(auth, query, cookie))
+    }
+
+    #[test]
+    fn strip_cookie_keeps_the_others() {
+        let s =
+            |h: &str| strip_cookie(h.as_bytes(), "revenprox_token").map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(s("a=1; revenprox_token=x; b=2").as_deref(), Some("a=1; b=2"));
+        assert_eq!(s("revenprox_token=x").as_deref(), None);
+        assert_eq!(s(" revenprox_token = x ;revenprox_tokenx=y").as_deref(), Some("revenprox_tokenx=y"));
+        assert_eq!(s("a=1;revenprox_token=x;revenprox_token=y").as_deref(), Some("a=1"));
+        assert_eq!(
+            s("a=\"q;r\"").as_deref(),
+            Some("a=\"q; r\""),
+            "a quoted ';' is split like any cookie parser would"
+        );
+        assert_eq!(strip_cookie(b"x=\xff; revenprox_token=t", "revenprox_token"), Some(b"x=\xff".to_vec()));
     }
 
     #[test]

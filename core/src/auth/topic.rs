@@ -5,87 +5,17 @@
 //! percent-decoded segment, hex-encoded. Example: `/events/news` → SHA-256("news")[..16] =
 //! `19fba0e995b9794fc2c26217bf3b725c`.
 
+use super::canonical::has_dot_segment;
 use super::percent::decode_component;
 use sha2::{Digest, Sha256};
 
 /// Longest topic segment accepted (bytes, before decoding).
 pub const MAX_SEGMENT_LEN: usize = 1024;
 
-/// True when `rest` holds a `.` or `..` segment, literally or percent-decoded (up to
-/// `DECODE_ROUNDS` times, for upstreams that decode twice), spelled with overlong UTF-8 or
-/// look-alike dots (`%c0%ae`, U+FF0E, U+2024), behind an encoded or look-alike slash or a
-/// backslash, or with `;` parameters (`..;x`): an upstream that normalizes the path would then
-/// serve another resource than the topic this path seems to name, e.g. `/events/news/../secret`
-/// authorized as `news` but served as `/events/secret`.
-fn has_dot_segment(rest: &str) -> bool {
-    rest.split('/').any(|raw| {
-        let mut bytes = raw.as_bytes().to_vec();
-        for _ in 0..DECODE_ROUNDS {
-            if names_dot_segment(&bytes) {
-                return true;
-            }
-            if !bytes.contains(&b'%') {
-                return false;
-            }
-            bytes = decode_leniently(&bytes);
-        }
-        names_dot_segment(&bytes)
-    })
-}
-
-/// Percent-decoding rounds `has_dot_segment` applies (`%25252e` is a dot after three).
-const DECODE_ROUNDS: usize = 3;
-
-/// Spellings of `.` and `/` that lenient decoders (overlong UTF-8) or Unicode normalization (NFKC
-/// maps U+FF0E and U+2024 to `.`, U+FF0F to `/`) turn into the ASCII character.
-const DOT_LIKE: [&[u8]; 4] = [b"\xc0\xae", b"\xe0\x80\xae", "\u{ff0e}".as_bytes(), "\u{2024}".as_bytes()];
-const SLASH_LIKE: [&[u8]; 4] = [b"\\", b"\xc0\xaf", b"\xe0\x80\xaf", "\u{ff0f}".as_bytes()];
-
-/// True when one of the `/`-separated pieces of a decoded segment is `.` or `..` (after mapping
-/// look-alikes to ASCII and dropping `;` parameters).
-fn names_dot_segment(decoded: &[u8]) -> bool {
-    let mut plain = Vec::with_capacity(decoded.len());
-    let mut rest = decoded;
-    while let Some(&b) = rest.first() {
-        let dot = DOT_LIKE.iter().find(|d| rest.starts_with(d));
-        let slash = SLASH_LIKE.iter().find(|s| rest.starts_with(s));
-        let (out, len) = match (dot, slash) {
-            (Some(d), _) => (b'.', d.len()),
-            (None, Some(s)) => (b'/', s.len()),
-            (None, None) => (b, 1),
-        };
-        plain.push(out);
-        rest = rest.get(len..).unwrap_or_default();
-    }
-    plain.split(|b| *b == b'/').any(|piece| {
-        let name = piece.split(|b| *b == b';').next().unwrap_or_default();
-        name == b"." || name == b".."
-    })
-}
-
-/// Decodes every valid `%XX` escape and keeps everything else as it is, as the most lenient
-/// upstream would: an invalid escape elsewhere in a segment must not hide an encoded `..`.
-fn decode_leniently(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let escape = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
-        match escape.and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok()) {
-            Some(v) if b == b'%' => {
-                out.push(v);
-                i += 3;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
 /// The raw topic segment of `path` (query already removed), or `None` when the path names none,
-/// including when any segment after the prefix is a dot segment (see `has_dot_segment`).
+/// including when any segment after the prefix is a dot segment in some reading of it (see
+/// `canonical::has_dot_segment`): `/events/news/../secret` would be authorized as `news` while an
+/// upstream that normalizes the path serves `/events/secret`.
 pub fn segment<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = path.strip_prefix(prefix)?;
     if has_dot_segment(rest) {

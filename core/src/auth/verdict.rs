@@ -8,14 +8,20 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Longest `user_id` accepted (it travels upstream in a header).
 pub const MAX_USER_ID: usize = 256;
 
-/// `{"jwt":"<token>","topic":"<32-hex>"}`, byte for byte. Tokens reaching here are printable ASCII
-/// without `"` or `\` (see `token::extract`), and JSON-escaping keeps that true for any input.
-pub fn request_body(token: &str, topic_id: &str) -> String {
-    let mut body = String::with_capacity(token.len() + topic_id.len() + 20);
+/// `{"jwt":"<token>","topic":"<32-hex>"}`, byte for byte, and for a one-time ticket
+/// `{"jwt":"<ticket>","topic":"<32-hex>","kind":"ticket"}`: the webhook can tell which channel a
+/// credential came from, and refuse a ticket presented as a JWT (which would be cached, and so
+/// reusable). Tokens reaching here are printable ASCII without `"` or `\` (see `token::extract`),
+/// and JSON-escaping keeps that true for any input.
+pub fn request_body(token: &str, topic_id: &str, ticket: bool) -> String {
+    let mut body = String::with_capacity(token.len() + topic_id.len() + 36);
     body.push_str("{\"jwt\":");
     body.push_str(&Value::from(token).to_string());
     body.push_str(",\"topic\":");
     body.push_str(&Value::from(topic_id).to_string());
+    if ticket {
+        body.push_str(",\"kind\":\"ticket\"");
+    }
     body.push('}');
     body
 }
@@ -106,10 +112,11 @@ mod tests {
     #[test]
     fn body_is_exact() {
         assert_eq!(
-            request_body("a.b.c", "a1b2c3d4e5f67890abcdef1234567890"),
+            request_body("a.b.c", "a1b2c3d4e5f67890abcdef1234567890", false),
             r#"{"jwt":"a.b.c","topic":"a1b2c3d4e5f67890abcdef1234567890"}"#
         );
-        assert_eq!(request_body("q\"x", "t"), r#"{"jwt":"q\"x","topic":"t"}"#);
+        assert_eq!(request_body("q\"x", "t", false), r#"{"jwt":"q\"x","topic":"t"}"#);
+        assert_eq!(request_body("tkt_1", "t", true), r#"{"jwt":"tkt_1","topic":"t","kind":"ticket"}"#);
     }
 
     fn p(body: &str) -> Verdict {

@@ -46,6 +46,9 @@ pub enum Effect {
     Enqueue { ctx: Ctx },
     /// End the stream (both directions).
     Close { ctx: Ctx },
+    /// Record on the stream how it ended (`revenprox_end`), for Envoy's access log
+    /// (`%FILTER_STATE(wasm.revenprox_end:PLAIN)%`).
+    SetEnd { ctx: Ctx, reason: &'static str },
     /// Call the webhook for flight `key`, from context `from` (the context whose callback is
     /// running: its answer comes back there). Receipt: `Dispatched`.
     Dispatch { from: Ctx, key: FlightKey, call: WebhookCall },
@@ -69,7 +72,8 @@ impl Effect {
             | Effect::Inject { ctx, .. }
             | Effect::ResumeResponse { ctx }
             | Effect::Enqueue { ctx }
-            | Effect::Close { ctx } => Some(*ctx),
+            | Effect::Close { ctx }
+            | Effect::SetEnd { ctx, .. } => Some(*ctx),
             Effect::Dispatch { from, .. } => Some(*from),
             Effect::SetTick { .. } | Effect::Log { .. } => None,
         }

@@ -52,9 +52,12 @@ pub enum Metric {
     StreamsRevoked,
     Revocations,
     PresenceFull,
+    OtherPaths,
+    ClientCircuitOpened,
+    ClientCircuitRejected,
 }
 
-pub const ALL: [Metric; 36] = [
+pub const ALL: [Metric; 39] = [
     Metric::Requests,
     Metric::Allowed,
     Metric::DeniedMissingToken,
@@ -91,6 +94,9 @@ pub const ALL: [Metric; 36] = [
     Metric::StreamsRevoked,
     Metric::Revocations,
     Metric::PresenceFull,
+    Metric::OtherPaths,
+    Metric::ClientCircuitOpened,
+    Metric::ClientCircuitRejected,
 ];
 
 impl Metric {
@@ -132,6 +138,9 @@ impl Metric {
             Metric::StreamsRevoked => "revenprox_streams_revoked",
             Metric::Revocations => "revenprox_revocations",
             Metric::PresenceFull => "revenprox_presence_full",
+            Metric::OtherPaths => "revenprox_other_paths",
+            Metric::ClientCircuitOpened => "revenprox_client_circuit_opened",
+            Metric::ClientCircuitRejected => "revenprox_client_circuit_rejected",
         }
     }
 

@@ -145,9 +145,17 @@ impl<S: SharedStore> Engine<S> {
     }
 
     /// Request headers of stream `ctx` (every header, names lowercase, values as bytes).
-    pub fn request_headers(&mut self, ctx: Ctx, headers: &[(String, Vec<u8>)], now_ms: u64) -> Flow {
+    /// `downstream`: the client's address as Envoy sees it (`ip:port`), asked for only when the
+    /// request needs the webhook (a cache hit never reads it).
+    pub fn request_headers(
+        &mut self,
+        ctx: Ctx,
+        headers: &[(String, Vec<u8>)],
+        downstream: &mut dyn FnMut() -> Option<String>,
+        now_ms: u64,
+    ) -> Flow {
         let (mut io, verifier, streams) = self.io(now_ms);
-        let flow = request(&mut io, verifier, streams, ctx, headers);
+        let flow = request(&mut io, verifier, streams, ctx, headers, downstream);
         self.reschedule(now_ms);
         flow
     }
@@ -271,12 +279,16 @@ fn request<S: SharedStore + ?Sized>(
     streams: &mut Streams,
     ctx: Ctx,
     headers: &[(String, Vec<u8>)],
+    downstream: &mut dyn FnMut() -> Option<String>,
 ) -> Flow {
     let cfg = io.cfg;
     io.tally.inc(Metric::Requests);
-    // The identity header is ours alone.
-    if find(headers, &cfg.user_header).is_some() {
-        io.out.push(Effect::RemoveRequestHeader { ctx, name: cfg.user_header.clone() });
+    // The identity header is ours alone, in every spelling an upstream might fold into it (CGI,
+    // WSGI, Rack and PHP read `x_user`, `X-User` and `x.user` as the same variable).
+    for (name, _) in headers {
+        if same_header_name(name, &cfg.user_header) {
+            io.out.push(Effect::RemoveRequestHeader { ctx, name: name.clone() });
+        }
     }
     let raw_path = find(headers, ":path").unwrap_or_default();
     // Read leniently so that a path with bytes that are not UTF-8 still loses its token below.
@@ -314,14 +326,54 @@ fn request<S: SharedStore + ?Sized>(
             io.tally.inc(Metric::Allowed);
             Flow::Continue
         }
+        Step::Other => {
+            io.tally.inc(Metric::OtherPaths);
+            Flow::Continue
+        }
         Step::Verify(v) => {
             let purpose = if v.reauth { Purpose::Refresh } else { Purpose::Forward };
-            match verifier.begin(io, ctx, ctx, v, purpose) {
+            if purpose == Purpose::Forward && !cfg.token.forward_to_upstream {
+                strip_credentials(io, ctx, headers, &cookies);
+            }
+            let mut client_key = || downstream().as_deref().and_then(crate::resilience::clients::key);
+            match verifier.begin(io, ctx, ctx, v, purpose, &mut client_key) {
                 Started::Done(finished) => deliver(io, streams, finished, Some(ctx)),
                 Started::Pending => Flow::Pause,
             }
         }
     }
+}
+
+/// Header names an upstream might take for the same variable: equal ignoring ASCII case, with
+/// `-`, `_` and `.` alike.
+fn same_header_name(a: &str, b: &str) -> bool {
+    let fold = |c: u8| match c {
+        b'_' | b'.' => b'-',
+        other => other.to_ascii_lowercase(),
+    };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+}
+
+/// The credential stays with the filter (like `jwt_authn`'s `forward: false`): the
+/// `Authorization` header and the token cookie (only that cookie) are removed from a request the
+/// filter verifies for forwarding.
+fn strip_credentials<S: ?Sized>(io: &mut Io<S>, ctx: Ctx, headers: &[(String, Vec<u8>)], cookies: &[&[u8]]) {
+    if find(headers, "authorization").is_some() {
+        io.out.push(Effect::RemoveRequestHeader { ctx, name: "authorization".to_string() });
+    }
+    let name = &io.cfg.token.cookie;
+    if name.is_empty() || cookies.is_empty() {
+        return;
+    }
+    let joined = cookies.join(&b"; "[..]);
+    let kept = crate::auth::token::strip_cookie(&joined, name);
+    if kept.as_deref() == Some(joined.as_slice()) {
+        return;
+    }
+    io.out.push(match kept {
+        Some(value) => Effect::SetRequestHeader { ctx, name: "cookie".to_string(), value },
+        None => Effect::RemoveRequestHeader { ctx, name: "cookie".to_string() },
+    });
 }
 
 /// Starts the re-verifications the streams asked for, from the root's timer.
@@ -338,8 +390,10 @@ fn start_reverifications<S: SharedStore + ?Sized>(
             credential: r.credential,
             topic_id: r.topic_id,
             reauth: false,
+            client: None,
+            client_probe: false,
         };
-        if let Started::Done(finished) = verifier.begin(io, r.ctx, root, v, Purpose::Reverify) {
+        if let Started::Done(finished) = verifier.begin(io, r.ctx, root, v, Purpose::Reverify, &mut || None) {
             deliver(io, streams, finished, None);
         }
     }
@@ -422,6 +476,13 @@ fn refresh_streams<S: SharedStore + ?Sized>(
     // A stream on this worker opened so recently that no tick has registered it yet counts too.
     let present = streams.has_local(&key) || shared::presence_count(io.store, &key, now_ms) > 0;
     if !present {
+        // Worth an operator's attention: the client's refresh reached a replica without its stream
+        // (routing by user, not by connection, avoids it; README "Scaling and state").
+        let line = format!(
+            "revenprox: refresh refused: user {user_id} has no open stream on topic {} here",
+            f.topic_id
+        );
+        io.log(Level::Info, line);
         io.reply(ctx, Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
         return;
     }

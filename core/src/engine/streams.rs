@@ -68,6 +68,7 @@ struct Auth {
 }
 
 struct Live {
+    ctx: Ctx,
     session: Session,
     framing: Framing,
     auth: Option<Auth>,
@@ -270,6 +271,7 @@ impl Streams {
         // The presence record is written by the first tick (within the timer's granularity), not
         // here: a stream that ends before then (a short response) never costs shared-data work.
         let live = Live {
+            ctx,
             session,
             framing: Framing::new(),
             auth,
@@ -323,6 +325,9 @@ impl Streams {
         }
         if tail_read || size > 0 {
             live.session.on_sent(now_ms, true);
+        }
+        if end_of_stream {
+            io.out.push(Effect::SetEnd { ctx, reason: "upstream_end" });
         }
         if end_of_stream || size > HOLD_MAX || !queue {
             live.held = false;
@@ -470,6 +475,9 @@ impl Streams {
                     live.pending = None;
                     live.session.mark_sent(injection, now_ms);
                     io.tally.inc(Metric::StreamsExpired);
+                    if let Injection::Expired(reason) = injection {
+                        io.out.push(Effect::SetEnd { ctx, reason: reason.as_str() });
+                    }
                     io.out.push(Effect::Close { ctx });
                     continue;
                 } else {
@@ -654,9 +662,10 @@ fn sent<S: SharedStore + ?Sized>(io: &mut Io<S>, live: &mut Live, injection: Inj
     match injection {
         Injection::Heartbeat => io.tally.inc(Metric::HeartbeatsSent),
         Injection::Challenge => io.tally.inc(Metric::ChallengesSent),
-        Injection::Expired(_) => {
+        Injection::Expired(reason) => {
             io.tally.inc(Metric::StreamsExpired);
             live.close_at_ms = Some(now_ms.saturating_add(CLOSE_DELAY_MS));
+            io.out.push(Effect::SetEnd { ctx: live.ctx, reason: reason.as_str() });
         }
     }
     if io.debug {

@@ -85,6 +85,8 @@ struct Host {
     held: HashMap<Ctx, bool>,
     tick_ms: u64,
     metrics: HashMap<&'static str, i64>,
+    /// The client address of the next requests.
+    address: String,
 }
 
 impl Host {
@@ -100,6 +102,7 @@ impl Host {
             held: HashMap::new(),
             tick_ms: 0,
             metrics: HashMap::new(),
+            address: "10.0.0.1:40000".to_string(),
         };
         h.run();
         h
@@ -166,7 +169,8 @@ impl Host {
     }
 
     fn request(&mut self, ctx: Ctx, headers: &[(String, Vec<u8>)]) -> Flow {
-        let flow = self.engine.request_headers(ctx, headers, self.now);
+        let address = self.address.clone();
+        let flow = self.engine.request_headers(ctx, headers, &mut || Some(address.clone()), self.now);
         self.run().unwrap_or(flow)
     }
 
@@ -257,7 +261,14 @@ fn herd_fans_one_verdict_out_to_every_waiter() {
     // One call, made from the first stream (its answer comes back there).
     assert_eq!(h.pending_calls(), vec![(101, 10)]);
     let effects = h.take();
-    let Some(Effect::Dispatch { call, .. }) = effects.last() else { panic!("{effects:?}") };
+    // The credential stays with the filter: each request loses its Authorization header.
+    for ctx in [10, 11, 12] {
+        assert!(effects.contains(&Effect::RemoveRequestHeader { ctx, name: "authorization".into() }));
+    }
+    let Some(Effect::Dispatch { call, .. }) = effects.iter().find(|e| matches!(e, Effect::Dispatch { .. }))
+    else {
+        panic!("{effects:?}")
+    };
     let topic = topic::id("news").unwrap_or_default();
     assert_eq!(call.body, format!(r#"{{"jwt":"{token}","topic":"{topic}"}}"#));
     assert_eq!(
@@ -279,7 +290,10 @@ fn herd_fans_one_verdict_out_to_every_waiter() {
     );
     // The verdict is cached: the next request continues at once, from the local cache.
     assert_eq!(h.request(13, &get("/events/news", &token)), Flow::Continue);
-    assert_eq!(h.take(), vec![user_header(13, "alice")]);
+    assert_eq!(
+        h.take(),
+        vec![Effect::RemoveRequestHeader { ctx: 13, name: "authorization".into() }, user_header(13, "alice")]
+    );
     assert_eq!(
         (h.metric(Metric::WebhookCalls), h.metric(Metric::CacheHits), h.metric(Metric::Allowed)),
         (1, 1, 4)
@@ -343,7 +357,9 @@ fn a_timed_out_call_is_a_timeout_failure() {
 fn an_abandoned_probe_is_given_back() {
     let extra = r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":0,"circuit_breaker_threshold":2,"circuit_breaker_timeout_sec":10}"#;
     let mut h = Host::new(cfg(extra), MemStore::new());
-    for (ctx, call) in [(40, 101), (41, 102)] {
+    // Failures of two client addresses open the Envoy-wide circuit.
+    for (ctx, call, address) in [(40, 101, "10.0.0.1:1"), (41, 102, "10.0.0.2:1")] {
+        h.address = address.into();
         h.request(ctx, &get("/events/news", &jwt(&format!("u{ctx}"), 600)));
         h.answer(call, 500, b"");
     }
@@ -504,10 +520,13 @@ fn a_failed_identity_edit_refuses_the_request() {
     h.answer(101, 200, &verdict("kim", 600));
     h.take();
     // Cached now; this time the host cannot set the identity header.
-    let flow = h.engine.request_headers(111, &get("/events/news", &token), h.now);
+    let flow = h.engine.request_headers(111, &get("/events/news", &token), &mut || None, h.now);
     assert_eq!(flow, Flow::Continue);
     let effects = h.engine.take_effects();
-    assert_eq!(effects, vec![user_header(111, "kim")]);
+    assert_eq!(
+        effects,
+        vec![Effect::RemoveRequestHeader { ctx: 111, name: "authorization".into() }, user_header(111, "kim")]
+    );
     let changed = h.engine.receipt(Receipt::Failed(user_header(111, "kim")), h.now);
     assert_eq!(changed, Some(Flow::Pause));
     let codes: Vec<_> = h.engine.take_effects().iter().filter_map(reply_code).collect();
@@ -707,4 +726,115 @@ fn a_refresh_on_another_worker_is_taken_before_the_expiry_without_a_call() {
     assert!(!injected(&a.take(), b"event: expired"));
     assert_eq!(a.engine.streams().expires_at(230), Some(T0_SEC + 60));
     assert_eq!(a.metric(Metric::WebhookCalls), calls, "taken from the refresh record, not the webhook");
+}
+
+#[test]
+fn no_spelling_of_the_identity_header_survives_and_credentials_stay_with_the_filter() {
+    let mut h = Host::new(cfg(r#","topic":{"other_paths":"pass"}"#), MemStore::new());
+    let token = jwt("tina", 600);
+    let mut headers = get("/events/news", &token);
+    for name in ["x_revenprox_user", "x-revenprox_user", "x.revenprox.user", "x-revenprox-user"] {
+        headers.push((name.into(), b"admin".to_vec()));
+    }
+    headers.push(("x-revenprox-users".into(), b"kept".to_vec()));
+    headers.push(("cookie".into(), b"a=1; revenprox_token=secret".to_vec()));
+    headers.push(("cookie".into(), b"b=2".to_vec()));
+    h.request(250, &headers);
+    let effects = h.take();
+    for name in
+        ["x_revenprox_user", "x-revenprox_user", "x.revenprox.user", "x-revenprox-user", "authorization"]
+    {
+        assert!(effects.contains(&Effect::RemoveRequestHeader { ctx: 250, name: name.into() }), "{name}");
+    }
+    assert!(!effects
+        .iter()
+        .any(|e| matches!(e, Effect::RemoveRequestHeader { name, .. } if name == "x-revenprox-users")));
+    assert!(effects.contains(&Effect::SetRequestHeader {
+        ctx: 250,
+        name: "cookie".into(),
+        value: b"a=1; b=2".to_vec()
+    }));
+    // A path outside the prefix: forwarded, identity spellings removed, token parameter stripped.
+    let mut other = vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (":path".to_string(), b"/api/me?token=x&q=1".to_vec()),
+    ];
+    other.push(("X_REVENPROX_USER".into(), b"admin".to_vec()));
+    assert_eq!(h.request(251, &other), Flow::Continue);
+    assert_eq!(
+        h.take(),
+        vec![
+            Effect::RemoveRequestHeader { ctx: 251, name: "X_REVENPROX_USER".into() },
+            Effect::SetRequestHeader { ctx: 251, name: ":path".into(), value: b"/api/me?q=1".to_vec() },
+        ]
+    );
+    assert_eq!(h.metric(Metric::OtherPaths), 1);
+    // With forward_to_upstream the credential goes on.
+    let mut keep = Host::new(cfg(r#","token":{"forward_to_upstream":true}"#), MemStore::new());
+    keep.request(252, &get("/events/news", &jwt("uma", 600)));
+    assert!(!keep.take().iter().any(|e| matches!(e, Effect::RemoveRequestHeader { .. })));
+}
+
+#[test]
+fn one_client_cannot_drain_the_budget_of_the_others() {
+    // Finding 4: rate 20/s; one address floods distinct forged tokens at 5x the rate, another
+    // sends a fresh valid token every 250 ms. Every fresh token of the other address is served.
+    let extra = r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","rate_limit_per_sec":20}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    let (mut fair_ok, mut fair_sent, mut flood_ok, mut ctx) = (0, 0, 0, 1_000);
+    for step in 0..300u64 {
+        h.advance(10);
+        ctx += 1;
+        h.address = "10.6.6.6:1000".into();
+        h.request(ctx, &get("/events/news", &jwt(&format!("forged{step}"), 600)));
+        if let Some(&(call, _)) = h.pending_calls().last() {
+            flood_ok += 1;
+            h.answer(call, 200, DENY);
+        }
+        if step % 25 == 0 {
+            ctx += 1;
+            fair_sent += 1;
+            h.address = "10.1.1.1:2000".into();
+            h.request(ctx, &get("/events/news", &jwt(&format!("fair{step}"), 600)));
+            if let Some(&(call, _)) = h.pending_calls().last() {
+                h.answer(call, 200, &verdict("fair", 600));
+            }
+            fair_ok += usize::from(h.take().contains(&Effect::ResumeRequest { ctx }));
+        }
+        h.take();
+    }
+    assert_eq!((fair_ok, fair_sent), (12, 12));
+    assert!(flood_ok <= 3 * 20 + 20, "the flood took {flood_ok} verifications in 3 s");
+    assert!(h.metric(Metric::DeniedRateLimited) > 100);
+}
+
+#[test]
+fn one_client_cannot_open_the_circuit_for_the_others() {
+    // Finding 5: the webhook answers 500 to one client's tokens (a kid it does not know).
+    let extra = r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":0,"circuit_breaker_threshold":3,"circuit_breaker_timeout_sec":30}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    for i in 0..12u32 {
+        h.address = "10.6.6.6:1".into();
+        h.request(300 + i, &get("/events/news", &jwt(&format!("bad{i}"), 600)));
+        if let Some(&(call, _)) = h.pending_calls().last() {
+            h.answer(call, 500, b"unknown kid");
+        }
+    }
+    // Its own circuit opened after 3: the other 9 were refused at once, with no call.
+    assert_eq!(h.metric(Metric::ClientCircuitOpened), 1);
+    assert_eq!(h.metric(Metric::ClientCircuitRejected), 9);
+    assert_eq!(h.metric(Metric::WebhookCalls), 3);
+    assert_eq!(h.metric(Metric::CircuitOpened), 0);
+    // Another client is served all along.
+    h.take();
+    h.address = "10.1.1.1:1".into();
+    h.request(400, &get("/events/news", &jwt("good", 600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("good", 600));
+    assert_eq!(h.take().last(), Some(&Effect::ResumeRequest { ctx: 400 }));
+    // The bad client's circuit probes after its timeout, and closes when the webhook answers.
+    h.advance(30_000);
+    h.address = "10.6.6.6:1".into();
+    h.request(401, &get("/events/news", &jwt("fixed", 600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("bad", 600));
+    assert_eq!(h.take().last(), Some(&Effect::ResumeRequest { ctx: 401 }));
 }

@@ -23,6 +23,7 @@ use crate::auth::token::Kind;
 use crate::auth::verdict::{self, Failure, Verdict};
 use crate::config::Config;
 use crate::resilience::breaker::{self, Admit};
+use crate::resilience::clients;
 use crate::resilience::flight::{FlightKey, Flights, Left, Purpose, Waiter};
 use crate::shared::{self, SharedStore};
 use lru::LruCache;
@@ -108,6 +109,8 @@ fn secs_ceil(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
 }
 
+/// The Envoy-wide breaker: it opens only on failures of several client addresses (at most 3, at
+/// most the threshold).
 pub fn breaker_settings(cfg: &Config) -> breaker::Settings {
     let v = &cfg.verifier;
     breaker::Settings {
@@ -115,7 +118,13 @@ pub fn breaker_settings(cfg: &Config) -> breaker::Settings {
         open_ms: v.circuit_breaker_timeout_sec.saturating_mul(1000),
         // A probe that has not reported back after every try it may make is lost.
         probe_timeout_ms: (v.timeout_ms + 1000).saturating_mul(u64::from(v.retry_attempts) + 1),
+        min_clients: v.circuit_breaker_threshold.min(3),
     }
+}
+
+/// A client address's own breaker: the same threshold and timeout, its failures alone.
+fn client_breaker_settings(cfg: &Config) -> breaker::Settings {
+    breaker::Settings { min_clients: 1, ..breaker_settings(cfg) }
 }
 
 impl Verifier {
@@ -198,8 +207,9 @@ impl Verifier {
         io: &mut Io<S>,
         ctx: Ctx,
         from: Ctx,
-        v: Verification,
+        mut v: Verification,
         purpose: Purpose,
+        client: &mut dyn FnMut() -> Option<clients::Key>,
     ) -> Started {
         let waiter = Waiter { context_id: ctx, purpose };
         let now_ms = io.now_ms;
@@ -246,6 +256,31 @@ impl Verifier {
             io.tally.inc(Metric::SingleflightJoins);
             return Started::Pending;
         }
+        // The client's own circuit first: a client whose verifications keep failing is refused at
+        // once, and never opens the circuit for the others.
+        let client_rate = io.cfg.verifier.rate_limit_per_client_per_sec;
+        v.client = if purpose == Purpose::Reverify { None } else { client() };
+        if let Some(ck) = v.client {
+            let settings = client_breaker_settings(io.cfg);
+            let admit = shared::client_update(io.store, &ck, client_rate, now_ms, |r| {
+                let (admit, next) = breaker::admit(r.breaker, now_ms, &settings);
+                if let Some(next) = next {
+                    r.breaker = next;
+                }
+                admit
+            });
+            match admit {
+                Some(Admit::Reject { retry_after_ms }) => {
+                    io.tally.inc(Metric::ClientCircuitRejected);
+                    let reply =
+                        Reply::new(Code::AuthUnavailable, "authentication is unavailable (circuit open)")
+                            .retry_after(secs_ceil(retry_after_ms));
+                    return done(&v, Verdicted::Refused(reply));
+                }
+                Some(Admit::Probe) => v.client_probe = true,
+                Some(Admit::Allow) | None => {}
+            }
+        }
         let (admit, state) = shared::breaker_admit(io.store, &breaker_settings(io.cfg), now_ms);
         self.observe_breaker(io, state);
         let probe = match admit {
@@ -256,13 +291,23 @@ impl Verifier {
             }
             Admit::Reject { retry_after_ms } => {
                 io.tally.inc(Metric::CircuitRejected);
+                self.abandon_client_probe(io, &v);
                 let reply = Reply::new(Code::AuthUnavailable, "authentication is unavailable (circuit open)")
                     .retry_after(secs_ceil(retry_after_ms));
                 return done(&v, Verdicted::Refused(reply));
             }
         };
+        // The budget: within its share a client takes from the Envoy-wide bucket as usual; past
+        // it, only while more than half of that bucket is left (the half the others rely on).
         let rate = io.cfg.verifier.rate_limit_per_sec;
-        let (take, flip) = shared::limiter_take(io.store, rate, now_ms);
+        let within = v.client.is_none_or(|ck| {
+            clients::within_share(
+                &shared::client_get(io.store, &ck, client_rate, now_ms),
+                client_rate,
+                now_ms,
+            )
+        });
+        let (take, flip) = shared::limiter_take(io.store, rate, clients::floor(within, rate), now_ms);
         match flip {
             Some(true) => io.log(
                 Level::Warn,
@@ -277,9 +322,17 @@ impl Verifier {
                 // Nothing was tried: the next verification may probe.
                 shared::breaker_abandon_probe(io.store, now_ms);
             }
+            self.abandon_client_probe(io, &v);
             let reply = Reply::new(Code::RateLimited, "too many verifications, retry later")
                 .retry_after(secs_ceil(take.wait_ms));
             return done(&v, Verdicted::Refused(reply));
+        }
+        if let (Some(ck), true) = (v.client, within) {
+            shared::client_update(io.store, &ck, client_rate, now_ms, |r| {
+                if let Some(b) = r.bucket.take(client_rate, now_ms).write {
+                    r.bucket = b;
+                }
+            });
         }
         if purpose == Purpose::Reverify {
             io.tally.inc(Metric::Reverifications);
@@ -291,6 +344,19 @@ impl Verifier {
         }
     }
 
+    /// Gives back a client's half-open probe that was admitted but never made.
+    fn abandon_client_probe<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, v: &Verification) {
+        if let (Some(ck), true) = (v.client, v.client_probe) {
+            let rate = io.cfg.verifier.rate_limit_per_client_per_sec;
+            let now_ms = io.now_ms;
+            shared::client_update(io.store, &ck, rate, now_ms, |r| {
+                if let Some(next) = breaker::abandon_probe(r.breaker, now_ms) {
+                    r.breaker = next;
+                }
+            });
+        }
+    }
+
     /// Makes the flight's next webhook call from context `from` (the one whose callback runs).
     fn call<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, key: FlightKey, from: Ctx) -> Vec<Finished> {
         let Some(f) = self.flights.get(&key) else {
@@ -299,7 +365,12 @@ impl Verifier {
         let Some(webhook) = &io.cfg.verifier.webhook else {
             return self.finish(io, key, Verdict::Failure(Failure::NoResponse));
         };
-        let body = verdict::request_body(&f.verification.credential.value, &f.verification.topic_id);
+        let credential = &f.verification.credential;
+        let body = verdict::request_body(
+            &credential.value,
+            &f.verification.topic_id,
+            credential.kind == Kind::Ticket,
+        );
         let call = WebhookCall {
             cluster: webhook.cluster.clone(),
             authority: webhook.authority.clone(),
@@ -411,8 +482,31 @@ impl Verifier {
         };
         let now_ms = io.now_ms;
         let ok = !matches!(verdict, Verdict::Failure(_));
+        let v = &flight.verification;
+        if let Some(ck) = v.client {
+            let settings = client_breaker_settings(io.cfg);
+            let rate = io.cfg.verifier.rate_limit_per_client_per_sec;
+            let probe = v.client_probe;
+            let opened = shared::client_update(io.store, &ck, rate, now_ms, |r| {
+                let next = breaker::record(r.breaker, ok, probe, 1, now_ms, &settings);
+                let opened = matches!(next, Some(breaker::State::Open { .. }))
+                    && !matches!(r.breaker, breaker::State::Open { .. });
+                if let Some(next) = next {
+                    r.breaker = next;
+                }
+                opened
+            });
+            if opened == Some(true) {
+                io.tally.inc(Metric::ClientCircuitOpened);
+                io.log(
+                    Level::Warn,
+                    "revenprox: a client's circuit opened: its verifications kept failing".to_string(),
+                );
+            }
+        }
+        let bit = breaker::client_bit(v.client.as_ref());
         if let Some((before, after)) =
-            shared::breaker_record(io.store, ok, flight.probe, &breaker_settings(io.cfg), now_ms)
+            shared::breaker_record(io.store, ok, flight.probe, bit, &breaker_settings(io.cfg), now_ms)
         {
             self.observe_breaker(io, after);
             match (before, after) {
@@ -496,13 +590,23 @@ impl Verifier {
 
     /// Stream `ctx` went away: it no longer waits, and a call it made is lost with it.
     pub(crate) fn leave<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, ctx: Ctx) {
+        // The flight's verification, in case this departure ends it (a client's probe to give back).
+        let waited =
+            self.flights.key_of(ctx).and_then(|k| self.flights.get(&k)).map(|f| f.verification.clone());
         let call_owner = &self.call_owner;
         let left = self.flights.leave(ctx, |call| call_owner.get(&call) == Some(&ctx));
         match left {
             Some(Left::Waiting { key, orphaned: true }) => self.flights.recall(&key, io.now_ms),
             // Nobody waits for the half-open probe any more: give it back, or the breaker would
             // refuse every verification in this Envoy until the probe timed out.
-            Some(Left::Ended { probe: true, .. }) => shared::breaker_abandon_probe(io.store, io.now_ms),
+            Some(Left::Ended { probe, .. }) => {
+                if probe {
+                    shared::breaker_abandon_probe(io.store, io.now_ms);
+                }
+                if let Some(v) = waited {
+                    self.abandon_client_probe(io, &v);
+                }
+            }
             _ => {}
         }
         // Calls this stream made will never be answered to it: forget them.

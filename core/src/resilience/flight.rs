@@ -190,6 +190,14 @@ impl<V> Flights<V> {
         Some(Left::Waiting { key, orphaned })
     }
 
+    /// The flight stream `context_id` waits on, if any.
+    pub fn key_of(&self, context_id: u32) -> Option<FlightKey> {
+        self.by_key
+            .iter()
+            .find(|(_, f)| f.waiters.iter().any(|w| w.context_id == context_id))
+            .map(|(k, _)| *k)
+    }
+
     /// Makes a flight whose call was lost due again at once (without counting an attempt).
     pub fn recall(&mut self, key: &FlightKey, now_ms: u64) {
         if let Some(f) = self.by_key.get_mut(key) {

@@ -14,6 +14,7 @@ pub use mem::MemStore;
 
 use crate::auth::cache::{self, Entry, Key};
 use crate::resilience::breaker::{self, Admit, Settings};
+use crate::resilience::clients;
 use crate::resilience::limiter::{Bucket, Take};
 use crate::sse::{presence, refresh};
 
@@ -129,17 +130,19 @@ pub fn breaker_admit<S: SharedStore + ?Sized>(
     .unwrap_or((Admit::Allow, breaker::State::default()))
 }
 
-/// Records a finished verification. Returns `(before, after)` when this call changed the state.
+/// Records a finished verification of the client with sketch bit `client`. Returns
+/// `(before, after)` when this call changed the state.
 pub fn breaker_record<S: SharedStore + ?Sized>(
     store: &mut S,
     ok: bool,
     probe: bool,
+    client: u64,
     s: &Settings,
     now_ms: u64,
 ) -> Option<(breaker::State, breaker::State)> {
     cas_update(store, BREAKER, |v| {
         let state = v.and_then(breaker::State::decode).unwrap_or_default();
-        match breaker::record(state, ok, probe, now_ms, s) {
+        match breaker::record(state, ok, probe, client, now_ms, s) {
             Some(next) => (Some((state, next)), Some(next.encode().to_vec())),
             None => (None, None),
         }
@@ -155,16 +158,66 @@ pub fn breaker_abandon_probe<S: SharedStore + ?Sized>(store: &mut S, now_ms: u64
     });
 }
 
-/// Takes one verification from the Envoy-wide bucket. Also returns the bucket's `limiting` flag
-/// change, if this take changed it (for logging once per Envoy).
-pub fn limiter_take<S: SharedStore + ?Sized>(store: &mut S, rate: u32, now_ms: u64) -> (Take, Option<bool>) {
+/// Takes one verification from the Envoy-wide bucket, if at least `floor` thousandths of a token
+/// remain after it. Also returns the bucket's `limiting` flag change, if this take changed it (for
+/// logging once per Envoy).
+pub fn limiter_take<S: SharedStore + ?Sized>(
+    store: &mut S,
+    rate: u32,
+    floor: u64,
+    now_ms: u64,
+) -> (Take, Option<bool>) {
     cas_update(store, LIMITER, |v| {
         let bucket = v.and_then(Bucket::decode).unwrap_or_else(|| Bucket::full(rate, now_ms));
-        let take = bucket.take(rate, now_ms);
+        let take = bucket.take_above(rate, now_ms, floor);
         let flip = take.write.filter(|b| b.limiting != bucket.limiting).map(|b| b.limiting);
         ((take, flip), take.write.map(|b| b.encode().to_vec()))
     })
     .unwrap_or((Take { allowed: false, wait_ms: 1000, write: None }, None))
+}
+
+fn client_candidates<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &clients::Key,
+) -> ([u32; 2], [Option<clients::Record>; 2]) {
+    let [a, b] = clients::slots(key);
+    let get = |n: u32| read_entry(store, &clients::slot_name(n), clients::Record::decode);
+    ([a, b], [get(a), if a == b { None } else { get(b) }])
+}
+
+/// The record of a client address (a fresh one, full bucket and closed circuit, when there is
+/// none).
+pub fn client_get<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &clients::Key,
+    rate: u32,
+    now_ms: u64,
+) -> clients::Record {
+    slots::find(key, now_ms, &client_candidates(store, key).1)
+        .map(|(_, r)| *r)
+        .unwrap_or_else(|| clients::Record::new(*key, rate, now_ms))
+}
+
+/// Changes a client's record by CAS (`change` sees the current record, or a fresh one), returning
+/// what `change` returned for the record written.
+pub fn client_update<S: SharedStore + ?Sized, R>(
+    store: &mut S,
+    key: &clients::Key,
+    rate: u32,
+    now_ms: u64,
+    mut change: impl FnMut(&mut clients::Record) -> R,
+) -> Option<R> {
+    let ([a, b], candidates) = client_candidates(store, key);
+    let slot = if slots::place(key, now_ms, &candidates) == 0 { a } else { b };
+    cas_update(store, &clients::slot_name(slot), |v| {
+        let mut record = v
+            .and_then(clients::Record::decode)
+            .filter(|r| &r.key == key)
+            .unwrap_or_else(|| clients::Record::new(*key, rate, now_ms));
+        let result = change(&mut record);
+        record.seen_ms = record.seen_ms.max(now_ms);
+        (result, Some(record.encode()))
+    })
 }
 
 /// Empties `key`'s cache slot, if one holds it (a revoked credential must not be served again).
