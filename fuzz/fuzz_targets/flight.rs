@@ -272,7 +272,12 @@ impl Host {
         self.current = ctx;
         self.in_tick = false;
         self.refuse_next = refuse;
-        let flow = self.engine.request_headers(ctx, &headers, &mut || Some(format!("10.0.{}.1:1", ctx % 3)), self.now);
+        let flow = self.engine.request_headers(
+            ctx,
+            &headers,
+            &mut || Some(format!("10.0.{}.1:1", ctx % 3)),
+            self.now,
+        );
         let flow = self.run(flow);
         self.refuse_next = false;
         if flow == Flow::Continue {

@@ -95,7 +95,12 @@ fuzz_target!(|x: Input| {
     assert!(p0 < presence::BUCKETS && p1 < presence::BUCKETS);
 
     // Circuit breaker.
-    let s = Settings { threshold: x.threshold, open_ms: x.open_ms, probe_timeout_ms: x.probe_timeout_ms };
+    let s = Settings {
+        threshold: x.threshold,
+        open_ms: x.open_ms,
+        probe_timeout_ms: x.probe_timeout_ms,
+        min_clients: u32::from(x.takes % 4),
+    };
     if let Some(st) = breaker::State::decode(&x.a) {
         assert_eq!(breaker::State::decode(&st.encode()), Some(st));
         let _ = st.gauge();
@@ -107,8 +112,13 @@ fuzz_target!(|x: Input| {
             assert!(matches!(next, Some(breaker::State::HalfOpen { .. })));
         }
         let after = next.unwrap_or(st);
-        if let Some(n) = breaker::record(after, x.ok, x.probe, now, &s) {
+        let bit = 1u64 << (x.rate % 64);
+        if let Some(n) = breaker::record(after, x.ok, x.probe, bit, now, &s) {
             assert_eq!(breaker::State::decode(&n.encode()), Some(n));
+            // The Envoy-wide breaker opens only on failures of enough different clients.
+            if let (breaker::State::Closed { clients, .. }, breaker::State::Open { .. }) = (after, n) {
+                assert!((clients | bit).count_ones() >= s.min_clients, "opened on too few clients");
+            }
             if matches!(after, breaker::State::HalfOpen { .. }) {
                 assert!(x.probe, "only the probe decides a half-open breaker");
             }
