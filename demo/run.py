@@ -77,6 +77,8 @@ def plugin_config(settings=None):
     return {
         "jwt_verifier": {"webhook_url": "http://auth.demo/verify", "webhook_cluster": "auth_webhook",
                          "timeout_ms": 2000, "retry_attempts": 1},
+        # RevenProx runs on every route: the page and its scripts pass, without an identity.
+        "topic": {"other_paths": "pass"},
         "sse": {"heartbeat_interval_sec": settings["heartbeat_interval_sec"],
                 "challenge_before_expiry_sec": settings["challenge_before_expiry_sec"]},
     }

@@ -30,7 +30,9 @@ ARTIFACTS = REPO / "e2e/artifacts"
 CURL = shutil.which("curl")
 
 WEBHOOK_URL = "http://auth.test/verify"
-DEFAULT_PLUGIN_CONFIG = {"jwt_verifier": {"webhook_url": WEBHOOK_URL, "webhook_cluster": "auth_webhook"}}
+# The template runs RevenProx on every route: paths outside the topic prefix pass (without an identity).
+DEFAULT_PLUGIN_CONFIG = {"jwt_verifier": {"webhook_url": WEBHOOK_URL, "webhook_cluster": "auth_webhook"},
+                         "topic": {"other_paths": "pass"}}
 
 DELETE = object()  # in an override dict: remove that key from the default config
 
@@ -308,14 +310,16 @@ def h2_get(port, path, headers=(), timeout=5.0, until_first_event=False):
 
 
 def http1_request(port, path, headers=None, method="GET", body=None, timeout=5.0,
-                  host="127.0.0.1", stream_events=1):
+                  host="127.0.0.1", stream_events=1, source=None):
     """One request on a fresh HTTP/1.1 connection.
 
     For a text/event-stream response, reads until `stream_events` complete events arrived
-    (or the stream ended, or `timeout`); otherwise reads the whole body.
+    (or the stream ended, or `timeout`); otherwise reads the whole body. `source`: the local
+    address to connect from (127.0.0.x: another client address as Envoy sees it).
     """
     deadline = time.monotonic() + timeout
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         hdrs = _norm_headers(headers)
@@ -588,10 +592,12 @@ class Envoy:
             time.sleep(0.05)
 
     # -- client ----------------------------------------------------------------------------------
-    def get(self, path, headers=None, http2=False, method="GET", body=None, timeout=5.0, stream_events=1):
+    def get(self, path, headers=None, http2=False, method="GET", body=None, timeout=5.0, stream_events=1,
+            source=None):
         if http2:
             return curl_request(self.port, path, headers, method, body, timeout, http2=True)
-        return http1_request(self.port, path, headers, method, body, timeout, stream_events=stream_events)
+        return http1_request(self.port, path, headers, method, body, timeout, stream_events=stream_events,
+                             source=source)
 
     def admin(self, path, timeout=5.0):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=timeout) as r:

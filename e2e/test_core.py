@@ -91,7 +91,9 @@ def test_token_via_ticket_param(env, webhook):
     r = env.get(f"/events/news?ticket={t}")
     assert_allowed(r, "ticket-owner")
     calls = webhook.calls_for(t)
-    assert len(calls) == 1 and calls[0].body == json.dumps({"jwt": t, "topic": NEWS}, separators=(",", ":")).encode()
+    # A ticket says so: the webhook can refuse one presented through a JWT channel.
+    assert len(calls) == 1 and calls[0].body == json.dumps({"jwt": t, "topic": NEWS, "kind": "ticket"},
+                                                           separators=(",", ":")).encode()
 
 
 @pytest.mark.parametrize(
@@ -204,16 +206,22 @@ def test_denied_request_with_spoofed_user_never_reaches_upstream(env, upstream, 
     assert_not_forwarded(upstream, m)
 
 
-def test_non_topic_paths_bypass_the_filter(env, webhook, upstream):
-    # the catch-all route `other` has the filter disabled: no webhook call, nothing stripped
+def test_non_topic_paths_pass_without_identity_or_token(env, webhook, upstream):
+    # topic.other_paths "pass" (the template runs the filter on every route): other paths go on
+    # without a webhook call, without any client spelling of the identity header, and without
+    # token parameters in the path the upstream and the access log see.
     before = len(webhook.calls)
     r = env.get("/health")
     assert r.status == 200 and r.body == b"ok"
     m = uuid.uuid4().hex
-    r = env.get(f"/static/app.js?token=whatever&m={m}")
-    assert r.status == 200 and r.text == f"upstream GET /static/app.js?token=whatever&m={m}\n", r
-    assert [q.path for q in upstream.requests_containing(m)] == [f"/static/app.js?token=whatever&m={m}"]
+    r = env.get(f"/static/app.js?token=whatever&m={m}", {"x-revenprox-user": "admin", "x.revenprox.user": "admin"})
+    assert r.status == 200 and r.text == f"upstream GET /static/app.js?m={m}\n", r
+    seen = upstream.requests_containing(m)
+    assert [q.path for q in seen] == [f"/static/app.js?m={m}"]
+    names = {k.lower().replace("_", "-").replace(".", "-") for k, _ in seen[0].headers}
+    assert "x-revenprox-user" not in names, seen[0].headers
     assert len(webhook.calls) == before
+    assert "whatever" not in (env.wait_log(m, access=True) or "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,9 +487,10 @@ def test_circuit_breaker_opens_and_probes(envoys, webhook):
     good = new_token("cb-good")
     assert_allowed(benv.get("/events/news", bearer(good)), sub_of(good))  # cached before the failures
     for i in range(2):
+        # Failures of two client addresses: the Envoy-wide circuit opens.
         bad = new_token(f"cb-bad{i}")
         webhook.program(bad, Behaviour(status=500))
-        assert_error(benv.get("/events/news", bearer(bad)), 503, "auth_unavailable")
+        assert_error(benv.get("/events/news", bearer(bad), source=f"127.0.0.{10 + i}"), 503, "auth_unavailable")
     # open: a verification that needs the webhook fails at once, without calling it
     fresh = new_token("cb-fresh")
     t0 = time.monotonic()
@@ -663,7 +672,7 @@ def test_ticket_not_prechecked_and_never_cached(env, webhook):
     assert_allowed(env.get(f"/events/news?ticket={t}"), "t-user")
     calls = webhook.calls_for(t)
     assert len(calls) == 2
-    assert all(c.body == ('{"jwt":"%s","topic":"%s"}' % (t, NEWS)).encode() for c in calls)
+    assert all(c.body == ('{"jwt":"%s","topic":"%s","kind":"ticket"}' % (t, NEWS)).encode() for c in calls)
 
 
 def test_ticket_replay_refused(env, webhook, upstream):

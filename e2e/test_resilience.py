@@ -72,10 +72,12 @@ BREAKER = {"jwt_verifier": {"retry_attempts": 0, "timeout_ms": 500, "circuit_bre
 
 
 def _open_circuit(env, webhook, tag):
+    # The Envoy-wide circuit opens on failures of several client addresses (one address only
+    # opens its own circuit: test_one_client_cannot_open_the_circuit_for_the_others).
     for i in range(3):
         bad = new_token(f"{tag}-bad{i}")
         webhook.program(bad, Behaviour(status=500))
-        assert_error(env.get("/events/news", bearer(bad)), 503, "auth_unavailable")
+        assert_error(env.get("/events/news", bearer(bad), source=f"127.0.0.{10 + i}"), 503, "auth_unavailable")
     assert wait_until(lambda: env.stats().get("revenprox_circuit_state") == 1, timeout=3), "circuit did not open"
 
 
@@ -137,7 +139,7 @@ def test_half_open_probe_is_given_back_when_its_client_leaves(envoys, webhook):
     for i in range(2):
         bad = new_token(f"abandon-bad{i}")
         webhook.program(bad, Behaviour(status=500))
-        assert_error(env.get("/events/news", bearer(bad)), 503, "auth_unavailable")
+        assert_error(env.get("/events/news", bearer(bad), source=f"127.0.0.{10 + i}"), 503, "auth_unavailable")
     assert wait_until(lambda: env.stats().get("revenprox_circuit_state") == 1, timeout=3), "circuit did not open"
     time.sleep(1.2)  # circuit_breaker_timeout_sec: the next verification is the one probe
     # The probe's webhook answer hangs (past the call's own timeout): only its client leaving ends it.

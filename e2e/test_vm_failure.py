@@ -160,7 +160,8 @@ def assert_every_answer_is_authenticated_or_refused(results, upstream):
             assert r.status == 200, f"valid token: {r!r}"
             assert r.first_event_json()["headers"].get("x-revenprox-user") == user
             assert len(seen) == 1 and seen[0].header("x-revenprox-user") == user
-            assert seen[0].header("authorization") is not None
+            # The credential stays with the filter (token.forward_to_upstream is false).
+            assert seen[0].header("authorization") is None
         else:
             # a live VM answers these itself: 401, never forwarded
             assert r.status == 401, f"{kind}: expected 401 or Envoy's refusal, got {r!r}"
@@ -247,7 +248,9 @@ def test_with_every_worker_vm_dead_nothing_reaches_the_upstream(fenv, webhook, u
     assert upstream.requests_containing(m) == []
     assert len(TRAP_LOG.findall(env.envoy_log())) == CONCURRENCY
 
-    # Envoy itself is alive: a route with the filter disabled still answers
+    # Envoy itself is alive (its admin answers); the filter runs on every route, so FAIL_CLOSED
+    # refuses every path, not only topics.
     assert env.alive
+    assert env.admin("/ready").strip() == "LIVE"
     r = env.get("/health")
-    assert r.status == 200 and r.body == b"ok"
+    assert r.status == 503 and r.body == b"", r
