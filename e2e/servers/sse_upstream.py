@@ -84,10 +84,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _client_gone(self, wait: float) -> bool:
         """Wait up to `wait` s; True when the peer closed (readable with EOF) or errored."""
         try:
-            r, _, x = select.select([self.connection], [], [self.connection], wait)
-            if x:
+            # poll, not select: a test may hold more than FD_SETSIZE (1,024) streams open.
+            p = select.poll()
+            p.register(self.connection, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+            events = p.poll(wait * 1000)
+            if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in events):
                 return True
-            if r:
+            if events:
                 if self.connection.recv(1, socket.MSG_PEEK) == b"":  # EOF: client went away
                     return True
                 time.sleep(wait)  # unexpected bytes from the client: ignore, don't spin

@@ -16,6 +16,7 @@ Demo mode (standalone):
     (alice -> news, sports; bob -> news) using the contract's topic ids.
 """
 import argparse
+import inspect
 import json
 import os
 import socket
@@ -42,7 +43,8 @@ _UNSET = object()
 class Behaviour:
     """How the webhook answers one call.
 
-    verdict: dict (sent as JSON) or callable(token, topic) -> dict; None = default verdict.
+    verdict: dict (sent as JSON) or callable(token, topic) -> dict, or callable(token, topic, call)
+             -> dict to see the whole call (its JSON body: `kind`); None = default verdict.
     status:  HTTP status code.
     body:    raw bytes sent as-is instead of a JSON verdict (e.g. malformed JSON).
     delay:   seconds to sleep before answering (timeouts).
@@ -141,7 +143,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             verdict = beh.verdict
             if callable(verdict):
-                verdict = verdict(call.jwt or "", call.topic or "")
+                takes_call = len(inspect.signature(verdict).parameters) >= 3
+                args = (call.jwt or "", call.topic or "") + ((call,) if takes_call else ())
+                verdict = verdict(*args)
             if verdict is None:
                 verdict = owner.default_verdict(call)
             payload = json.dumps(verdict).encode()

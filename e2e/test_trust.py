@@ -1,0 +1,363 @@
+"""Attack and chaos findings (issue 15), one test each, against the real Envoy and template.
+
+Each test failed on the build before its fix (commit messages and SECURITY.md, "Findings").
+Client addresses: Envoy sees 127.0.0.x as distinct clients (the template takes the client
+address from the connection's peer, use_remote_address: true), so a test binds its client sockets
+to 127.0.0.2, 127.0.0.3, ... to play different clients.
+"""
+import concurrent.futures
+import json
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+import helpers
+from helpers import Stream, h2_get, marker, new_token, sub_of, wait_until
+from servers.jwtutil import b64url
+from servers.webhook import Behaviour, invalid, valid
+from test_core import NEWS, assert_allowed, assert_error, assert_not_forwarded, bearer
+
+IDENTITY = "x-revenprox-user"
+
+
+def folded(name):
+    """A header name as CGI/WSGI/Rack/PHP read it: one variable for x-user, X_USER, x.user."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def identities_seen(echo_headers):
+    """Every value an upstream that folds header names would read as the identity header."""
+    return [v for k, v in echo_headers.items() if folded(k) == IDENTITY]
+
+
+def forged_token(i):
+    """A self-minted, unsigned JWT: passes the precheck, the webhook refuses it."""
+    header = b64url(b'{"alg":"none","typ":"JWT"}')
+    payload = b64url(json.dumps({"sub": f"mallory-{i}", "exp": int(time.time()) + 600}).encode())
+    return f"{header}.{payload}."
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Identity header smuggled with underscores (and dots, and case)
+# ----------------------------------------------------------------------------------------------
+SPELLINGS = ["x_revenprox_user", "X_REVENPROX_USER", "x-revenprox_user", "x.revenprox.user", "X-Revenprox-User"]
+
+
+@pytest.mark.parametrize("proto", ["h1", "h2"])
+def test_no_spelling_of_the_identity_header_reaches_the_upstream(env, webhook, upstream, proto):
+    tok = new_token("mallory")
+    m = marker()
+    headers = [("authorization", f"Bearer {tok}")] + [(name, "admin") for name in SPELLINGS]
+    if proto == "h1":
+        r = helpers.http1_request(env.port, f"/events/news?{m}", headers)
+    else:
+        r, _ = h2_get(env.port, f"/events/news?{m}", headers, until_first_event=True)
+    assert r.status == 200, r
+    echo = r.first_event_json()
+    assert identities_seen(echo["headers"]) == [sub_of(tok)], echo["headers"]
+
+
+def test_optional_authentication_never_passes_a_client_identity(envoys, upstream):
+    oenv = envoys.get({"jwt_verifier": {"require_authentication": False}}, name="optional-auth")
+    m = marker()
+    r = oenv.get(f"/events/news?{m}", [(name, "admin") for name in SPELLINGS])
+    assert r.status == 200, r
+    assert identities_seen(r.first_event_json()["headers"]) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The catch-all route forwarded a client's identity header, and NFKC look-alike prefixes
+# ----------------------------------------------------------------------------------------------
+def test_other_paths_never_carry_a_client_identity(env, webhook, upstream):
+    m = marker()
+    r = env.get(f"/api/me?{m}", [(IDENTITY, "admin"), ("x_revenprox_user", "admin"), ("x.revenprox.user", "root")])
+    assert r.status == 200, r
+    (seen,) = upstream.requests_containing(m)
+    assert [v for k, v in seen.headers if folded(k) == IDENTITY] == [], seen.headers
+
+
+@pytest.mark.parametrize("path", ["/%EF%BD%85vents/news", "/%EF%BC%A5VENTS/news", "/\u212a/../events/news",
+                                  "/x/%2e%2e/events/news", "/%u0065vents/news", "/Events/news"])
+def test_no_spelling_of_a_topic_path_is_served_unguarded(env, webhook, upstream, path):
+    m = marker()
+    before = len(webhook.calls)
+    r = helpers.http1_request(env.port, f"{path}?{m}".replace("\u212a", "%E2%84%AA"))
+    assert r.status in (401, 404), r
+    assert_not_forwarded(upstream, m)
+    assert len(webhook.calls) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. A stream outlived its own token by adopting another stream's refresh
+# ----------------------------------------------------------------------------------------------
+SHORT = {"sse": {"heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 1, "reverify_interval_sec": 0}}
+
+
+def test_a_stream_never_takes_a_refresh_posted_before_it_opened(envoys, webhook):
+    senv = envoys.get(SHORT, name="trust-refresh")
+    alice, refreshed, stolen = new_token("alice"), new_token("alice-refresh"), new_token("alice-stolen")
+    webhook.program(alice, valid("alice", ttl=3600))
+    webhook.program(refreshed, valid("alice", ttl=3600))
+    webhook.program(stolen, valid("alice", ttl=4))
+    hdrs = {"x-upstream-mode": "silent"}
+    with Stream(senv.port, "/events/news", {**bearer(alice), **hdrs}, timeout=10) as a:
+        assert a.status == 200
+        a.read_until(lambda t: "\n\n" in t, timeout=3)
+        time.sleep(0.3)  # registered Envoy-wide (first tick)
+        r = senv.get("/events/news", {**bearer(refreshed), "content-type": "application/x-challenge-response"},
+                     method="POST", body=b"")
+        assert r.status == 204, r
+        # The attacker's stream opens after alice's refresh, with a 4-second alice token.
+        b = Stream(senv.port, "/events/news", {**bearer(stolen), **hdrs}, timeout=10)
+    try:
+        assert b.status == 200
+        t0 = time.monotonic()
+        assert b.read_until(lambda t: "event: expired" in t, timeout=8), b.text
+        assert '{"reason":"token_expired"}' in b.text
+        assert time.monotonic() - t0 < 6, "the stolen token's stream outlived its own expiry"
+    finally:
+        b.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. One client drained the Envoy-wide webhook budget
+# ----------------------------------------------------------------------------------------------
+def test_one_address_cannot_drain_the_webhook_budget(envoys, webhook):
+    benv = envoys.get({"jwt_verifier": {"rate_limit_per_sec": 10}}, name="trust-budget")
+    webhook.default = invalid()  # forged tokens: the webhook refuses them (after a call)
+    stop = time.monotonic() + 3.0
+    flood = {"sent": 0, "verified": 0}
+
+    def flood_loop():
+        i = 0
+        while time.monotonic() < stop and i < 400:  # ~5x the rate for 3 s, bounded
+            r = benv.get("/events/news", bearer(forged_token(i)), source="127.0.0.2", timeout=3)
+            flood["sent"] += 1
+            flood["verified"] += r.status == 401
+            i += 1
+            time.sleep(0.02)
+
+    fair = []
+
+    def fair_loop():
+        for i in range(10):
+            tok = new_token(f"fair{i}")
+            webhook.program(tok, valid(f"fair{i}"))
+            fair.append(benv.get("/events/news", bearer(tok), source="127.0.0.3", timeout=3).status)
+            time.sleep(0.25)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        futures = [ex.submit(flood_loop), ex.submit(fair_loop)]
+        for f in futures:
+            f.result(timeout=30)
+    assert flood["sent"] >= 100, flood  # the flood really ran at several times the rate
+    assert fair.count(200) >= 9, f"fresh valid tokens of another address: {fair}"
+    assert flood["verified"] < flood["sent"], "the flood was never limited"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. One client opened the circuit for everyone; 4xx answers were retried
+# ----------------------------------------------------------------------------------------------
+def test_one_address_cannot_open_the_circuit_for_everyone(envoys, webhook):
+    cenv = envoys.get({"jwt_verifier": {"circuit_breaker_threshold": 5, "circuit_breaker_timeout_sec": 60,
+                                        "retry_attempts": 3}}, name="trust-circuit")
+    bad = [new_token(f"unknown-kid{i}") for i in range(12)]
+    for t in bad:
+        webhook.program(t, Behaviour(status=500))
+    with concurrent.futures.ThreadPoolExecutor(12) as ex:
+        statuses = list(ex.map(lambda t: cenv.get("/events/news", bearer(t), source="127.0.0.4", timeout=10).status,
+                               bad))
+    assert set(statuses) == {503}, statuses
+    # Another address is served: verifications, and refreshes of its stream.
+    good = []
+    for i in range(10):
+        tok = new_token(f"healthy{i}")
+        webhook.program(tok, valid(f"healthy{i}"))
+        good.append(cenv.get("/events/news", bearer(tok), source="127.0.0.5").status)
+    assert good.count(200) >= 9, good
+    assert cenv.stats().get("revenprox_circuit_state") == 0
+    assert cenv.stats().get("revenprox_client_circuit_opened") >= 1
+
+
+def test_webhook_4xx_is_not_retried(envoys, webhook):
+    renv = envoys.get({"jwt_verifier": {"retry_attempts": 3}}, name="trust-4xx")
+    tok = new_token("four-hundred")
+    webhook.program(tok, Behaviour(status=400))
+    assert_error(renv.get("/events/news", bearer(tok)), 503, "auth_unavailable")
+    time.sleep(0.5)  # any retry would come within 100 + 200 + 300 ms
+    assert len(webhook.calls_for(tok)) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. A URL token landed in the access log when Envoy refused an Upgrade
+# ----------------------------------------------------------------------------------------------
+def test_a_token_in_a_refused_upgrade_is_not_logged(env, webhook, upstream):
+    tok = new_token("signalr")
+    m = marker().replace("=", "-")
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+    try:
+        s.sendall(f"GET /events/news/{m}?access_token={tok} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                  f"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZQ==\r\n\r\n"
+                  .encode())
+        head = s.recv(4096).decode("latin-1")
+    finally:
+        s.close()
+    assert head.startswith("HTTP/1.1 "), head
+    line = env.wait_log(m, access=True, timeout=5)
+    assert line is not None, "no access log line for the refused upgrade"
+    assert tok not in env.access_log() and tok not in env.envoy_log()
+    assert webhook.calls_for(tok) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Look-alike dots that only Unicode data knows
+# ----------------------------------------------------------------------------------------------
+LOOKALIKES = ["%E2%80%A5", "%EF%B8%B0", "%EF%B9%92%EF%B9%92", "..%EF%B9%A8x", "..%EF%BC%BCx", "%u002e%u002e",
+              "%U002E%U002E", "%E2%80%A4%E2%80%A4"]
+
+
+@pytest.mark.parametrize("dots", LOOKALIKES)
+def test_look_alike_dot_segments_name_no_topic(env, webhook, upstream, dots):
+    # bob may read news only; an NFKC-normalizing upstream would serve /events/sports.
+    tok = new_token("bob")
+    m = marker()
+    r = helpers.http1_request(env.port, f"/events/news/{dots}/sports?{m}", bearer(tok))
+    assert_error(r, 404, "no_topic")
+    assert webhook.calls_for(tok) == []
+    assert_not_forwarded(upstream, m)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. A one-time ticket made reusable by presenting it as a JWT
+# ----------------------------------------------------------------------------------------------
+def test_a_ticket_aware_webhook_refuses_tickets_presented_as_jwts(env, webhook, upstream):
+    # The webhook issued these tickets, JWT-shaped (they pass the precheck): it accepts each once,
+    # and only as a ticket.
+    issued = {new_token("ticket"): "ticket-owner" for _ in range(2)}
+    used = set()
+
+    def ticket_verdict(token, topic, call):
+        if token not in issued or token in used or call.json.get("kind") != "ticket":
+            return {"valid": False, "user_id": None, "expires_at": None}
+        used.add(token)
+        return {"valid": True, "user_id": issued[token], "expires_at": int(time.time()) + 600}
+
+    first, second = list(issued)
+    for t in issued:
+        webhook.program(t, Behaviour(verdict=ticket_verdict))
+    assert_allowed(env.get(f"/events/news?ticket={first}"), "ticket-owner")
+    assert_error(env.get(f"/events/news?ticket={first}"), 401, "invalid_token")  # consumed
+    # The same kind of credential on a JWT channel: the webhook sees no kind and refuses it, so it
+    # is never cached and never reusable.
+    for _ in range(2):
+        assert_error(env.get(f"/events/news?token={second}"), 401, "invalid_token")
+    assert [c.json.get("kind") for c in webhook.calls_for(first)] == ["ticket", "ticket"]
+    assert [c.json.get("kind") for c in webhook.calls_for(second)] == [None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The template hung stream 1,025
+# ----------------------------------------------------------------------------------------------
+def test_more_than_1024_streams_through_the_template(envoys, webhook, upstream):
+    venv = envoys.get({}, name="trust-1100")
+    tok = new_token("many")
+    n = 1100
+    socks = []
+    try:
+        request = (f"GET /events/news HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
+                   f"x-upstream-mode: silent\r\n\r\n").encode()
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", venv.port), timeout=10)
+            s.sendall(request)
+            socks.append(s)
+        deadline = time.monotonic() + 60
+        ok = 0
+        for s in socks:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                head = s.recv(64)
+            except OSError:
+                head = b""
+            ok += head.startswith(b"HTTP/1.1 200")
+        stats = venv.stats()
+        assert ok == n, (f"{ok} of {n} streams answered; pending "
+                         f"{stats.get('envoy_cluster_upstream_rq_pending_active', envoy_cluster_name='sse_upstream')}")
+        assert wait_until(lambda: venv.stats().get("revenprox_open_streams") >= n, timeout=10)
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: venv.stats().get("revenprox_open_streams") == 0, timeout=20)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. "One log line per state change" was false under overload
+# ----------------------------------------------------------------------------------------------
+def test_rate_limiting_is_logged_once_per_overload(envoys, webhook):
+    lenv = envoys.get({"jwt_verifier": {"rate_limit_per_sec": 5, "rate_limit_per_client_per_sec": 5}},
+                      name="trust-ratelog")
+    stop = time.monotonic() + 3.0
+    sent = 0
+    while time.monotonic() < stop and sent < 200:  # ~25/s, five times the rate, bounded
+        lenv.get("/events/news", bearer(new_token(f"over{sent}")))
+        sent += 1
+        time.sleep(0.04)
+    assert lenv.wait_log("rate limiting started", timeout=5)
+    time.sleep(1.2)  # a quiet second
+    assert lenv.get("/events/news", bearer(new_token("after"))).status == 200
+    assert lenv.wait_log("rate limiting ended", timeout=5)
+    log = lenv.envoy_log()
+    assert (log.count("rate limiting started"), log.count("rate limiting ended")) == (1, 1), log.count("rate limiting")
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. A refresh after the stream closed got 204 for ~28 s
+# ----------------------------------------------------------------------------------------------
+def test_a_refresh_after_the_last_stream_closed_is_refused_at_once(envoys, webhook):
+    renv = envoys.get(SHORT, name="trust-presence")
+    tok, again = new_token("gone"), new_token("gone-refresh")
+    webhook.program(tok, valid("gone-user"))
+    webhook.program(again, valid("gone-user"))
+    with Stream(renv.port, "/events/news", {**bearer(tok), "x-upstream-mode": "silent"}, timeout=5) as s:
+        assert s.status == 200
+        s.read_until(lambda t: "\n\n" in t, timeout=3)
+        time.sleep(0.3)  # counted Envoy-wide by the first tick
+    assert wait_until(lambda: renv.stats().get("revenprox_open_streams") == 0, timeout=5)
+    r = renv.get("/events/news", {**bearer(again), "content-type": "application/x-challenge-response"},
+                 method="POST", body=b"")
+    assert_error(r, 403, "user_mismatch")
+
+
+# ----------------------------------------------------------------------------------------------
+# The credential stays with the filter (jwt_authn's forward: false), unless asked
+# ----------------------------------------------------------------------------------------------
+def test_credentials_stay_with_the_filter_unless_forwarded(envoys, env, webhook):
+    tok = new_token("keep")
+    cookies = {"Cookie": f"theme=dark; revenprox_token={tok}; lang=fr"}
+    echo = assert_allowed(env.get("/events/news", {**bearer(tok), **cookies}), sub_of(tok))
+    assert "authorization" not in echo["headers"]
+    assert echo["headers"].get("cookie") == "theme=dark; lang=fr"
+    fenv = envoys.get({"token": {"forward_to_upstream": True}}, name="trust-forward")
+    echo = assert_allowed(fenv.get("/events/news", {**bearer(tok), **cookies}), sub_of(tok))
+    assert echo["headers"].get("authorization") == f"Bearer {tok}"
+    assert f"revenprox_token={tok}" in echo["headers"].get("cookie", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Operators see how a stream ended
+# ----------------------------------------------------------------------------------------------
+def test_the_access_log_says_how_a_stream_ended(envoys, webhook):
+    aenv = envoys.get(SHORT, name="trust-end")
+    tok, short = new_token("ended"), new_token("expiring")
+    webhook.program(short, valid("expiring", ttl=2))
+    m1, m2 = marker(), marker()
+    r = aenv.get(f"/events/news?{m1}", bearer(tok))  # the upstream ends the stream
+    assert r.status == 200
+    with Stream(aenv.port, f"/events/news?{m2}", {**bearer(short), "x-upstream-mode": "silent"}, timeout=6) as s:
+        assert s.read_until(lambda t: "event: expired" in t, timeout=5), s.text
+        s.read_until(None, timeout=2)
+    line1 = aenv.wait_log(re.compile(rf"{m1}.* end=upstream_end"), access=True, timeout=5)
+    line2 = aenv.wait_log(re.compile(rf"{m2}.* end=token_expired"), access=True, timeout=5)
+    assert line1 and line2, aenv.access_log()[-2000:]
