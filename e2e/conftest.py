@@ -33,10 +33,11 @@ def upstream():
 
 @pytest.fixture(autouse=True)
 def _reset_webhook_default(webhook):
-    # per-token programs use unique tokens; only the default behaviour can leak between tests
-    webhook.default = Behaviour()
+    # per-token programs use unique tokens; only the default behaviour (and session tracking,
+    # off by default) can leak between tests
+    webhook.default, webhook.sessions = Behaviour(), None
     yield
-    webhook.default = Behaviour()
+    webhook.default, webhook.sessions = Behaviour(), None
 
 
 class EnvoyPool:

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import helpers
 from helpers import ENVOY_BIN, REPO, WASM, Envoy, Stream, free_port, new_token, stop_process, sub_of
 
 try:
@@ -42,6 +41,8 @@ sys.path.insert(0, str(REPO / "demo"))
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_ENVOY = REPO / "deploy" / "compose" / "envoy.yaml"
 ISTIO_DIR = REPO / "deploy" / "istio"
+FRONT_PROXY = REPO / "deploy" / "envoy" / "user-hash-front-proxy.yaml"
+ROUTE_HEADER = "x-revenprox-route-user"
 GLOO_DIR = REPO / "deploy" / "gloo"
 CONTRACT = REPO / "docs" / "contract.md"
 NODE_DIR = Path(os.environ.get("REVENPROX_DEPLOY_NODE_DIR", REPO / ".build" / "deploy-validate"))
@@ -505,14 +506,29 @@ def test_istio_manifests_are_consistent():
                               for s in dr[0]["spec"]["trafficPolicy"]["portLevelSettings"]), fname
         if "match" in spec:
             assert all(m["mode"] == "SERVER" for m in spec["match"])
-    # affinity: a cookie on the topic path of the sidecar plugin's namespace (never Authorization)
-    (aff,) = [r for r in rules if "consistentHash" in json.dumps(r)]
-    ch = aff["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]
-    assert "httpHeaderName" not in ch or ch["httpHeaderName"].lower() != "authorization"
+    # user hash: the gateway copies the verified `sub` into the header the DestinationRule of the
+    # sidecar plugin's service hashes on (never Authorization, never a cookie the proxy sets)
+    (ra,) = [d for _, d in docs if d["kind"] == "RequestAuthentication"]
+    (jwt_rule,) = ra["spec"]["jwtRules"]
+    assert jwt_rule["outputClaimToHeaders"] == [{"header": ROUTE_HEADER, "claim": "sub"}]
+    (user_hash,) = [r for r in rules if "consistentHash" in json.dumps(r)]
+    assert user_hash["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"] == {"httpHeaderName": ROUTE_HEADER}
+    assert jwt_rule["forwardOriginalToken"] is True, "Istio strips the token RevenProx needs otherwise"
+    # the token locations are RevenProx's (contract "Token"); tickets are opaque, never a JWT rule's
+    channels = contract_config()["token"]
+    assert jwt_rule["fromHeaders"] == [{"name": "Authorization", "prefix": "Bearer "}]
+    assert jwt_rule["fromParams"] == channels["query_params"] and jwt_rule["fromCookies"] == [channels["cookie"]]
+    assert not set(jwt_rule["fromParams"]) & set(channels["ticket_params"])
+    # on the gateway that makes the routing decision, not on the SSE pods
+    assert "istio" in ra["spec"]["selector"]["matchLabels"]
     sidecar = [wp for _, wp in wasmplugins() if "match" in wp["spec"]][0]
-    assert ch["httpCookie"]["path"] == sidecar["spec"]["pluginConfig"]["topic"]["path_prefix"]
-    assert aff["metadata"]["namespace"] == sidecar["metadata"]["namespace"]
-    assert aff["spec"]["host"].split(".")[1] == sidecar["metadata"]["namespace"]
+    assert user_hash["metadata"]["namespace"] == sidecar["metadata"]["namespace"]
+    assert user_hash["spec"]["host"].split(".")[:2] == [sidecar["spec"]["selector"]["matchLabels"]["app"],
+                                                        sidecar["metadata"]["namespace"]]
+    # the same IdP placeholders as the Envoy front proxy
+    (provider,) = front_proxy_jwt_authn(yaml.safe_load(FRONT_PROXY.read_text()))["providers"].values()
+    assert jwt_rule["issuer"] == provider["issuer"]
+    assert jwt_rule["jwksUri"] == provider["remote_jwks"]["http_uri"]["uri"]
 
 
 def test_gloo_manifest_is_consistent():
@@ -623,79 +639,62 @@ def test_platform_plugin_configs_work_in_real_envoy(webhook, upstream):
 
 
 # --------------------------------------------------------------------------------------------
-# Scaling: affinity in front of two replicas
+# Scaling: the user-hash front proxy (run in front of two replicas by e2e/test_fleet.py)
 # --------------------------------------------------------------------------------------------
-def test_affinity_front_proxy_keeps_the_challenge_answer_on_the_streams_replica(webhook, upstream, tmp_path):
-    """deploy/envoy/affinity-front-proxy.yaml before two RevenProx Envoys: the stream's response
-    sets the affinity cookie; the challenge answer through the front proxy with that cookie gets
-    204 from the replica holding the stream; the same answer sent to the other replica gets
-    403 user_mismatch (re-authorization is per replica)."""
-    replicas = [Envoy(helpers.plugin_config(), webhook_port=webhook.port, upstream_port=upstream.port,
-                      name=f"replica-{i}") for i in (0, 1)]
-    doc = yaml.safe_load((REPO / "deploy" / "envoy" / "affinity-front-proxy.yaml").read_text())
-    front_port, front_admin = free_port(), free_port()
-    doc["admin"]["address"]["socket_address"]["port_value"] = front_admin
-    doc["static_resources"]["listeners"][0]["address"]["socket_address"].update(address="127.0.0.1", port_value=front_port)
-    (cluster,) = doc["static_resources"]["clusters"]
-    eps = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert cluster["lb_policy"] == "RING_HASH" and len(eps) == 2
-    for ep, env in zip(eps, replicas):
-        ep["endpoint"]["address"]["socket_address"].update(address="127.0.0.1", port_value=env.port)
-    (route,) = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "route_config"]["virtual_hosts"][0]["routes"]
-    assert route["route"]["timeout"] == "0s"
-    cookie = route["route"]["hash_policy"][0]["cookie"]
-    cfg = tmp_path / "front.yaml"
-    cfg.write_text(yaml.safe_dump(doc))
-    log = open(tmp_path / "front.log", "wb")
-    front = subprocess.Popen([str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1", "--base-id", str(free_port() + 400_000),
-                              "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        for env in replicas:
-            env.spawn()
-        for env in replicas:
-            _wait_ready(env)
-        deadline = time.monotonic() + 20
-        while True:
-            assert front.poll() is None, (tmp_path / "front.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{front_admin}/ready", timeout=1) as r:
-                    if r.read().strip() == b"LIVE":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "front proxy not ready"
-            time.sleep(0.05)
+def front_proxy_hcm(doc):
+    return doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
-        token = new_token("sticky")
-        refreshed = helpers.jwtutil.make_jwt(sub=sub_of(token), secret=b"test-secret", ttl=900,
-                                             extra={"jti": os.urandom(8).hex()})
-        helpers.SENT_TOKENS.append(refreshed)
-        with Stream(front_port, "/events/news", {"Authorization": f"Bearer {token}", "x-upstream-mode": "stream",
-                                                 "x-upstream-interval": "0.5"}) as s:
-            assert s.status == 200
-            set_cookie = s.header("set-cookie") or ""
-            m = re.match(rf"{cookie['name']}=([^;]+)", set_cookie)
-            assert m and f"Path={cookie['path']}" in set_cookie, set_cookie
-            assert s.read_until(lambda t: "data:" in t, timeout=5)
-            holding = [env for env in replicas if helpers.wait_until(lambda: env.stats().get("revenprox_open_streams") == 1, 2)]
-            assert len(holding) == 1, "the stream is on exactly one replica"
-            other = [env for env in replicas if env is not holding[0]][0]
-            answer = {"content-type": "application/x-challenge-response", "Authorization": f"Bearer {refreshed}"}
-            # through the front proxy with the affinity cookie: the replica holding the stream answers
-            r = helpers.http1_request(front_port, "/events/news", dict(answer, Cookie=f"{cookie['name']}={m.group(1)}"),
-                                      method="POST", body=b"")
-            assert r.status == 204, r
-            assert holding[0].stats().get("revenprox_reauthorizations") == 1
-            # the same answer on the other replica: it holds no stream of this user
-            r = other.get("/events/news", headers=answer, method="POST", body=b"")
-            assert r.status == 403 and r.json()["error"] == "user_mismatch", r
-            assert s.read_until(lambda t: t.count("data:") >= 3, timeout=5), "the stream goes on"
-    finally:
-        stop_process(front)
-        log.close()
-        for env in replicas:
-            env.stop()
+
+def front_proxy_jwt_authn(doc):
+    (f,) = [f for f in front_proxy_hcm(doc)["http_filters"] if f["name"] == "envoy.filters.http.jwt_authn"]
+    return f["typed_config"]
+
+
+def test_user_hash_front_proxy_is_consistent_and_passes_envoy_validate(tmp_path):
+    """deploy/envoy/user-hash-front-proxy.yaml: a client-sent route header is removed, jwt_authn
+    copies the verified sub into it without refusing or stripping anything (RevenProx stays the
+    authority) from RevenProx's token locations, the route ring-hashes on it with the source IP
+    as fallback, the access log prints no token; and the real Envoy 1.40 accepts the file as
+    shipped (a control with a dangling provider name is refused)."""
+    text = FRONT_PROXY.read_text()
+    doc = yaml.safe_load(text)
+    hcm = front_proxy_hcm(doc)
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.header_mutation", "envoy.filters.http.jwt_authn", "envoy.filters.http.router"]
+    assert hcm["http_filters"][0]["typed_config"]["mutations"] == {"request_mutations": [{"remove": ROUTE_HEADER}]}
+    jwt = front_proxy_jwt_authn(doc)
+    ((name, provider),) = jwt["providers"].items()
+    assert provider["forward"] is True, "the token must reach RevenProx"
+    assert provider["claim_to_headers"] == [{"header_name": ROUTE_HEADER, "claim_name": "sub"}]
+    channels = contract_config()["token"]
+    assert provider["from_headers"] == [{"name": "Authorization", "value_prefix": "Bearer "}]
+    assert provider["from_params"] == channels["query_params"] and provider["from_cookies"] == [channels["cookie"]]
+    assert "forward_payload_header" not in provider and "pad_forward_payload_header" not in provider
+    (rule,) = jwt["rules"]
+    assert rule == {"match": {"prefix": "/"},
+                    "requires": {"requires_any": {"requirements": [{"provider_name": name},
+                                                                   {"allow_missing_or_failed": {}}]}}}
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    assert provider["remote_jwks"]["http_uri"]["cluster"] in clusters
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["match"] == {"prefix": "/"} and route["route"]["timeout"] == "0s"
+    assert route["route"]["hash_policy"] == [{"header": {"header_name": ROUTE_HEADER}, "terminal": True},
+                                             {"connection_properties": {"source_ip": True}}]
+    assert "request_headers_to_remove" not in route, "route-level removal runs before the hash is taken"
+    replicas = clusters[route["route"]["cluster"]]
+    assert replicas["lb_policy"] == "RING_HASH" and len(replicas["load_assignment"]["endpoints"][0]["lb_endpoints"]) >= 2
+    # the access log: no query (it may carry ?token=), no Authorization or Cookie
+    for log in hcm["access_log"]:
+        fmt = log["typed_config"]["log_format"]["text_format_source"]["inline_string"]
+        assert set(re.findall(r"%REQ\(([^)]+)\)%", fmt)) <= {":METHOD", ROUTE_HEADER.upper()}, fmt
+        assert "%PATH(NQ)%" in fmt and not re.search(r"%(REQ_WITHOUT_QUERY|DYNAMIC_METADATA|FILTER_STATE)", fmt)
+    # the real Envoy takes the file as shipped; the control (rule naming a missing provider) is refused
+    bad = copy.deepcopy(doc)
+    providers = front_proxy_jwt_authn(bad)["providers"]
+    providers[name + "-renamed"] = providers.pop(name)
+    (rc, out), (bad_rc, bad_out) = envoy_validate([text, yaml.safe_dump(bad)], tmp_path)
+    assert rc == 0 and "OK" in out, out[-3000:]
+    assert bad_rc != 0 and f"Required provider ['{name}'] is not configured" in bad_out, bad_out[-3000:]
 
 
 # --------------------------------------------------------------------------------------------

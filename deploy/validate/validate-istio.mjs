@@ -18,6 +18,7 @@ const MODELS = {
   'networking.istio.io/v1/DestinationRule': 'networking.istio.io/v1/DestinationRule.js',
   'networking.istio.io/v1beta1/ServiceEntry': 'networking.istio.io/v1beta1/ServiceEntry.js',
   'networking.istio.io/v1beta1/DestinationRule': 'networking.istio.io/v1beta1/DestinationRule.js',
+  'security.istio.io/v1/RequestAuthentication': 'security.istio.io/v1/RequestAuthentication.js',
 };
 
 const docs = JSON.parse(readFileSync(0, 'utf8'));

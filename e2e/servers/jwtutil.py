@@ -58,8 +58,9 @@ def decode_unverified(token: str):
         return None
 
 
-def verify_hs256(token: str, secret, now=None):
-    """Checked payload (signature HS256 + exp in the future) or None."""
+def verify_hs256(token: str, secret, now=None, check_exp=True):
+    """Checked payload (signature HS256 + exp in the future) or None. check_exp=False checks the
+    signature only (the payload may have no `exp`, or one already past)."""
     if isinstance(secret, str):
         secret = secret.encode()
     try:
@@ -73,6 +74,8 @@ def verify_hs256(token: str, secret, now=None):
         payload = json.loads(b64url_decode(p))
         if not isinstance(payload, dict):
             return None
+        if not check_exp:
+            return payload
         exp = payload.get("exp")
         now = time.time() if now is None else now
         if not isinstance(exp, (int, float)) or exp <= now:

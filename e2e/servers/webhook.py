@@ -10,10 +10,22 @@ Test mode (default, programmable):
     Without an override the answer is a valid verdict whose user_id is the JWT's `sub`
     (or "ticket-user" for a non-JWT credential) and expires_at = now + 600.
 
+Session tracking (off by default; a test switches it on, conftest switches it off after it):
+    store = hook.sessions = SessionStore(b"test-secret")   # or: webhook.py --sessions
+    store.register(user="alice", expires_at=exp)           # the token issuer tells the store
+    A session is the token's `sid` claim when it has one, else its `sub`. The webhook records the
+    latest `exp` of every valid token it verifies (and every expiry registered directly), and
+    answers a token whose signature is valid with expires_at = its session's latest expiry as
+    long as that is in the future, even when the token's own `exp` is earlier or already past.
+    This is the webhook the filter's server-side refresh relies on (issue 14): a stream whose
+    refresh POST reached another replica asks again with its own, older token and learns the
+    session's newest expiry. Per-token programs and a custom `default` still take precedence.
+
 Demo mode (standalone):
-    python3 e2e/servers/webhook.py --demo --port 9001 --secret s3cret
-    verifies HS256 signature + exp, then authorizes the topic for the user
-    (alice -> news, sports; bob -> news) using the contract's topic ids.
+    python3 e2e/servers/webhook.py --demo --port 9001 --secret s3cret [--sessions]
+    verifies HS256 signature + exp (with --sessions: signature + the session's latest expiry),
+    then authorizes the topic for the user (alice -> news, sports; bob -> news) using the
+    contract's topic ids.
 """
 import argparse
 import inspect
@@ -93,6 +105,48 @@ class Call:
         return self.json.get("topic") if isinstance(self.json, dict) else None
 
 
+class SessionStore:
+    """Session-tracking verification (see the module docstring). Thread-safe."""
+
+    REFUSED = {"valid": False, "user_id": None, "expires_at": None}
+
+    def __init__(self, secret):
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self._lock = threading.Lock()
+        self._latest = {}  # ("sid", id) or ("sub", user) -> latest expiry (Unix seconds)
+
+    @staticmethod
+    def key_of(claims: dict):
+        sid = claims.get("sid")
+        return ("sid", sid) if isinstance(sid, str) else ("sub", claims.get("sub"))
+
+    def register(self, *, expires_at: int, user: Optional[str] = None, sid: Optional[str] = None):
+        """The token issuer's word: session `sid` (or, without one, user `user`) lasts until
+        `expires_at`. Only ever extends a session."""
+        assert (user is None) != (sid is None), "a session is a sid or a user"
+        key = ("sid", sid) if sid is not None else ("sub", user)
+        with self._lock:
+            self._latest[key] = max(self._latest.get(key, 0), int(expires_at))
+
+    def latest(self, *, user: Optional[str] = None, sid: Optional[str] = None):
+        key = ("sid", sid) if sid is not None else ("sub", user)
+        with self._lock:
+            return self._latest.get(key)
+
+    def verdict(self, token: str) -> dict:
+        claims = jwtutil.verify_hs256(token, self.secret, check_exp=False)
+        if not claims or not isinstance(claims.get("sub"), str):
+            return dict(self.REFUSED)
+        key, exp, now = self.key_of(claims), claims.get("exp"), time.time()
+        with self._lock:
+            if isinstance(exp, (int, float)) and exp > now:  # a valid token: its expiry counts
+                self._latest[key] = max(self._latest.get(key, 0), int(exp))
+            latest = self._latest.get(key)
+        if latest is None or latest <= now:
+            return dict(self.REFUSED)
+        return {"valid": True, "user_id": claims["sub"], "expires_at": latest}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -168,13 +222,14 @@ _Server = QuietServer
 
 
 class WebhookServer:
-    def __init__(self, host="127.0.0.1", port=0, demo_secret=None, topics=None, verbose=False):
+    def __init__(self, host="127.0.0.1", port=0, demo_secret=None, topics=None, verbose=False, sessions=None):
         self.host = host
         self.requested_port = port
         self.demo_secret = demo_secret  # not None -> demo mode
         self.topics = topics if topics is not None else DEMO_TOPICS
         self.verbose = verbose
         self.default = Behaviour()
+        self.sessions = sessions  # a SessionStore: session-tracking mode; None: off
         self._lock = threading.Lock()
         self._calls = []
         self._overrides = {}
@@ -211,6 +266,7 @@ class WebhookServer:
             self._calls.clear()
             self._overrides.clear()
             self.default = Behaviour()
+            self.sessions = None
 
     def _behaviour_for(self, call: Call) -> Behaviour:
         with self._lock:
@@ -246,20 +302,24 @@ class WebhookServer:
         token, topic = call.jwt or "", call.topic or ""
         if self.demo_secret is not None:
             return self.demo_verdict(token, topic)
+        if self.sessions is not None:
+            return self.sessions.verdict(token)
         payload = jwtutil.decode_unverified(token)
         user = payload.get("sub") if payload and isinstance(payload.get("sub"), str) else "ticket-user"
         return {"valid": True, "user_id": user, "expires_at": int(time.time()) + 600}
 
     def demo_verdict(self, token: str, topic: str) -> dict:
         refused = {"valid": False, "user_id": None, "expires_at": None}
-        claims = jwtutil.verify_hs256(token, self.demo_secret)
-        if not claims or not isinstance(claims.get("sub"), str):
+        if self.sessions is not None:
+            verdict = self.sessions.verdict(token)
+        else:
+            claims = jwtutil.verify_hs256(token, self.demo_secret)
+            ok = claims and isinstance(claims.get("sub"), str)
+            verdict = {"valid": True, "user_id": claims["sub"], "expires_at": int(claims["exp"])} if ok else refused
+        if not verdict["valid"]:
             return refused
-        user = claims["sub"]
-        allowed = {jwtutil.topic_id(name) for name in self.topics.get(user, [])}
-        if topic not in allowed:
-            return refused
-        return {"valid": True, "user_id": user, "expires_at": int(claims["exp"])}
+        allowed = {jwtutil.topic_id(name) for name in self.topics.get(verdict["user_id"], [])}
+        return verdict if topic in allowed else refused
 
 
 def main(argv=None):
@@ -268,13 +328,22 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=int(os.environ.get("WEBHOOK_PORT", "9001")))
     ap.add_argument("--demo", action="store_true", help="verify HS256 JWTs and authorize topics per user")
     ap.add_argument("--secret", default=os.environ.get("REVENPROX_DEMO_SECRET"), help="HS256 secret (demo mode)")
+    ap.add_argument("--sessions", action="store_true",
+                    help="session tracking: answer with the newest expiry of the token's session (sid, else sub)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.demo and not args.secret:
         ap.error("--demo needs --secret or REVENPROX_DEMO_SECRET")
-    srv = WebhookServer(args.host, args.port, demo_secret=args.secret if args.demo else None, verbose=args.verbose)
+    if args.sessions and not (args.demo or args.secret):
+        ap.error("--sessions verifies signatures: it needs --secret or REVENPROX_DEMO_SECRET")
+    sessions = SessionStore(args.secret) if args.sessions else None
+    srv = WebhookServer(args.host, args.port, demo_secret=args.secret if args.demo else None, verbose=args.verbose,
+                        sessions=sessions)
     srv.start()
-    mode = "demo (HS256, topics: %s)" % json.dumps(DEMO_TOPICS) if args.demo else "test (accept all)"
+    mode = "demo (HS256, topics: %s)" % json.dumps(DEMO_TOPICS) if args.demo else \
+        "test (HS256, any topic)" if sessions is not None else "test (accept all)"
+    if sessions is not None:
+        mode += ", session tracking"
     print(f"webhook listening on http://{args.host}:{srv.port}/verify mode={mode}", flush=True)
     serve_until_signalled(srv)
 
