@@ -34,7 +34,7 @@ const EXPIRED_REVOKED: &[u8] = b"event: expired\ndata: {\"reason\":\"revoked\"}\
 impl Injection {
     /// The exact bytes written to the client. Each is a complete comment or event followed by a
     /// blank line; events carry a `data` line because `EventSource` does not dispatch one without.
-    pub fn bytes(&self) -> &'static [u8] {
+    pub const fn bytes(&self) -> &'static [u8] {
         match self {
             Injection::Heartbeat => HEARTBEAT,
             Injection::Challenge => CHALLENGE,
