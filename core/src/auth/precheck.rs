@@ -127,6 +127,17 @@ fn json_object(segment: &str, want_exp: bool) -> Option<Exp> {
     Some(exp)
 }
 
+/// The `sub` claim of a compact JWT, read without verifying anything: only ever used to refuse
+/// early, never to allow (see `engine::verifier::Subjects`).
+pub fn claimed_subject(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    match serde_json::from_slice::<Value>(&bytes).ok()?.get("sub")? {
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// Checks `token` at time `now_sec` (Unix seconds).
 pub fn check(token: &str, now_sec: u64) -> Result<(), Refusal> {
     let mut parts = token.split('.');
@@ -156,6 +167,17 @@ mod tests {
 
     fn jwt(header: &str, payload: &str) -> String {
         format!("{}.{}.c2ln", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(payload))
+    }
+
+    #[test]
+    fn claimed_subject_reads_sub_only() {
+        let t = |payload: &str| {
+            format!("{}.{}.sig", URL_SAFE_NO_PAD.encode("{}"), URL_SAFE_NO_PAD.encode(payload))
+        };
+        assert_eq!(claimed_subject(&t(r#"{"sub":"alice","exp":1}"#)).as_deref(), Some("alice"));
+        assert_eq!(claimed_subject(&t(r#"{"sub":7}"#)), None);
+        assert_eq!(claimed_subject(&t(r#"{"user":"a"}"#)), None);
+        assert_eq!(claimed_subject("not-a-jwt"), None);
     }
 
     #[test]

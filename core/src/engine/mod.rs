@@ -332,6 +332,13 @@ fn request<S: SharedStore + ?Sized>(
         }
         Step::Verify(v) => {
             let purpose = if v.reauth { Purpose::Refresh } else { Purpose::Forward };
+            if purpose == Purpose::Refresh && misrouted_refresh(io, verifier, streams, &v) {
+                io.reply(
+                    ctx,
+                    Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"),
+                );
+                return Flow::Pause;
+            }
             if purpose == Purpose::Forward && !cfg.token.forward_to_upstream {
                 strip_credentials(io, ctx, headers, &cookies);
             }
@@ -342,6 +349,35 @@ fn request<S: SharedStore + ?Sized>(
             }
         }
     }
+}
+
+/// A challenge response whose claimed user (the JWT's `sub`) has no open stream on the topic in
+/// this Envoy, once this worker learned that the webhook's user ids are those claims: refused
+/// before any webhook call (the verdict could only lead to 403).
+fn misrouted_refresh<S: SharedStore + ?Sized>(
+    io: &mut Io<S>,
+    verifier: &Verifier,
+    streams: &Streams,
+    v: &gate::Verification,
+) -> bool {
+    if v.credential.kind != crate::auth::token::Kind::Jwt || !verifier.subjects().trusted() {
+        return false;
+    }
+    let Some(sub) = crate::auth::precheck::claimed_subject(&v.credential.value) else {
+        return false;
+    };
+    let key = presence::stream_key(&sub, &v.topic_id);
+    if streams.has_local(&key) || shared::presence_count(io.store, &key, io.now_ms) > 0 {
+        return false;
+    }
+    // The claim is unverified: quoted and cut short, so it cannot forge or flood a log line.
+    let shown: String = sub.chars().take(64).collect();
+    let line = format!(
+        "revenprox: refresh refused: claimed user {shown:?} has no open stream on topic {} here (no webhook call)",
+        v.topic_id
+    );
+    io.log(Level::Info, line);
+    true
 }
 
 /// Header names an upstream might take for the same variable: equal ignoring ASCII case, with

@@ -838,3 +838,34 @@ fn one_client_cannot_open_the_circuit_for_the_others() {
     h.answer(h.pending_calls()[0].0, 200, &verdict("bad", 600));
     assert_eq!(h.take().last(), Some(&Effect::ResumeRequest { ctx: 401 }));
 }
+
+#[test]
+fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    // Before the worker knows how the webhook names users, a refresh is verified.
+    h.request(500, &refresh("/events/news", &jwt("vera", 600)));
+    assert_eq!(h.pending_calls().len(), 1);
+    h.answer(h.pending_calls()[0].0, 200, &verdict("vera", 600));
+    assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(500, Code::UserMismatch)]);
+    // Ten verdicts whose user_id is the token's sub.
+    for i in 0..10u32 {
+        let user = format!("u{i}");
+        h.request(510 + i, &get("/events/news", &jwt(&user, 600)));
+        h.answer(h.pending_calls()[0].0, 200, &verdict(&user, 600));
+    }
+    h.take();
+    let calls = h.metric(Metric::WebhookCalls);
+    h.request(520, &refresh("/events/news", &jwt("wanda", 700)));
+    assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(520, Code::UserMismatch)]);
+    assert_eq!(h.metric(Metric::WebhookCalls), calls, "refused without a webhook call");
+    // A user with a stream here is verified as ever.
+    h.open(530, &jwt("xena", 600), "xena", 600);
+    h.request(531, &refresh("/events/news", &jwt("xena", 900)));
+    assert_eq!(h.pending_calls().len(), 1);
+    // One verdict whose user_id is not the sub turns the shortcut off for good.
+    h.answer(h.pending_calls()[0].0, 200, &verdict("xena", 900));
+    h.request(540, &get("/events/news", &jwt("yara", 600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("account-42", 600));
+    h.request(541, &refresh("/events/news", &jwt("zoe", 700)));
+    assert_eq!(h.pending_calls().len(), 1, "verified again");
+}

@@ -15,12 +15,12 @@
 use super::effect::{Ctx, Effect, Level, WebhookCall};
 use super::metrics::Metric;
 use super::Io;
-use crate::auth::cache;
 use crate::auth::gate::Verification;
 use crate::auth::reply::{Code, Reply};
 use crate::auth::token::Credential;
 use crate::auth::token::Kind;
 use crate::auth::verdict::{self, Failure, Verdict};
+use crate::auth::{cache, precheck};
 use crate::config::Config;
 use crate::resilience::breaker::{self, Admit};
 use crate::resilience::clients;
@@ -84,6 +84,34 @@ pub enum Started {
     Pending,
 }
 
+/// Verdicts it takes before a worker trusts that the webhook's user ids are the JWTs' `sub`
+/// claims.
+const SUBJECT_EVIDENCE: u32 = 10;
+
+/// What this worker learned of the webhook's user ids: whether they are the JWTs' `sub` claims.
+/// Once they are (`SUBJECT_EVIDENCE` verdicts agreed, none disagreed), a challenge response whose
+/// claimed user has no open stream on the topic here is refused without asking the webhook (a
+/// misrouted refresh costs nothing). One disagreement turns it off for good. It only ever refuses
+/// early what the webhook's verdict would have refused too; it never allows anything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Subjects {
+    matches: u32,
+    mismatch: bool,
+}
+
+impl Subjects {
+    pub fn trusted(&self) -> bool {
+        !self.mismatch && self.matches >= SUBJECT_EVIDENCE
+    }
+
+    fn learn(&mut self, claimed: Option<&str>, user_id: &str) {
+        match claimed {
+            Some(sub) if sub == user_id => self.matches = self.matches.saturating_add(1),
+            _ => self.mismatch = true,
+        }
+    }
+}
+
 pub struct Verifier {
     flights: Flights<Verification>,
     /// Webhook call token → the context that made it (its answer goes there).
@@ -95,6 +123,7 @@ pub struct Verifier {
     local_epoch: u64,
     /// The breaker state this worker last reported in `revenprox_circuit_state`.
     breaker_seen: Option<u64>,
+    subjects: Subjects,
 }
 
 fn local_key(v: &Verification) -> String {
@@ -140,7 +169,13 @@ impl Verifier {
             local,
             local_epoch: 0,
             breaker_seen: None,
+            subjects: Subjects::default(),
         }
+    }
+
+    /// Whether the webhook's user ids are the JWTs' `sub` claims, as far as this worker saw.
+    pub fn subjects(&self) -> Subjects {
+        self.subjects
     }
 
     /// The earliest scheduled call, for the timer.
@@ -533,6 +568,9 @@ impl Verifier {
         let v = flight.verification;
         let verdict = match verdict {
             Verdict::Allow { user_id, expires_at } => {
+                if v.credential.kind == Kind::Jwt {
+                    self.subjects.learn(precheck::claimed_subject(&v.credential.value).as_deref(), &user_id);
+                }
                 if v.cacheable {
                     if let Some(until_ms) =
                         cache::cache_until_ms(now_ms, io.cfg.verifier.cache_ttl_sec, expires_at)
