@@ -8,8 +8,10 @@ token lifetimes (plus a little, so the last answers land): the streams must outl
   - user-hash front (deploy/envoy/user-hash-front-proxy.yaml): routes by the verified `sub`, so
     the refresh reaches the replica holding the stream without any help from the filter;
   - round-robin front: the refresh reaches the other replica about every second time (403
-    user_mismatch there). The streams survive only with the filter's server-side refresh
-    (planned, issue 14) and a session-tracking webhook (servers/webhook.py SessionStore).
+    user_mismatch there; once a worker learned that user ids are JWT subs, with no webhook
+    call). The streams survive through the filter's server-side refresh: the replica holding a
+    stream asks a session-tracking webhook (servers/webhook.py SessionStore) again before the
+    stream's expiry.
 
 Each run's numbers (refresh answers, streams alive, webhook calls per reopened token) go to
 e2e/artifacts/run-*/fleet-results.json and are printed (pytest -s shows them); README and
@@ -261,15 +263,14 @@ def test_user_hash_front_two_tabs_of_one_user_both_survive(fleet, webhook):
 
 
 # ------------------------------------------------------------------------------------------------
-# the round-robin front: needs the filter's server-side refresh (issue 14; not in the filter yet)
+# the round-robin front: streams live on through the filter's server-side refresh
 # ------------------------------------------------------------------------------------------------
 def test_round_robin_front_streams_survive_with_server_side_refresh(fleet, webhook):
     """ROUND_ROBIN front, 20 streams, 3 token lifetimes, a session-tracking webhook told of every
     refreshed token by the issuer (mint registers the session's new expiry): refresh POSTs that
     reach the replica without the stream may get 403 user_mismatch, but every stream is alive at
     the end, because the replica holding it asks the webhook again before expires_at and learns
-    the session's newest expiry (server-side refresh). Target behaviour: fails until the filter
-    has it."""
+    the session's newest expiry (server-side refresh)."""
     store = webhook.sessions = SessionStore(SECRET)
 
     def issue(user):  # the token issuer: a fresh token, and the session store hears of it
@@ -297,13 +298,15 @@ def test_round_robin_front_streams_survive_with_server_side_refresh(fleet, webho
            expired_events=dict(collections.Counter(c.expired for c in clients if c.expired)),
            ended_after_s=sorted(round(c.ended_at) for c in clients if c.ended_at is not None),
            user_mismatch=fleet.delta(before, "revenprox_denied_user_mismatch"),
-           streams_expired=fleet.delta(before, "revenprox_streams_expired"))
+           streams_expired=fleet.delta(before, "revenprox_streams_expired"),
+           refused_refreshes_that_called_the_webhook=sum(
+               1 for r in refreshes if r.status == 403 and webhook.calls_for(r.token)))
     assert not [c for c in clients if c.error], "\n".join(c.summary() for c in clients if c.error)
     assert {tuple(v) for v in streams_at.values()} == {(0,), (1,)}, f"round robin used one replica: {streams_at}"
     assert all(r.status == 204 or (r.status == 403 and r.error == "user_mismatch") for r in refreshes), split(refreshes)
     assert len(alive) == STREAMS, (
         f"{STREAMS - len(alive)} of {STREAMS} streams did not outlive 3 token lifetimes behind a round-robin front "
-        f"(refreshes {split(refreshes)}; the filter has no server-side refresh yet):\n"
+        f"(refreshes {split(refreshes)}):\n"
         + "\n".join(c.summary() for c in clients if not c.alive))
 
 

@@ -11,7 +11,8 @@ import uuid
 
 import pytest
 
-from helpers import CURL, Stream, new_token
+from helpers import CURL, SENT_TOKENS, Stream, new_token
+from servers import jwtutil
 from servers.webhook import invalid, valid
 from test_core import _worker_cx, assert_error
 from test_sse import CHALLENGE_DATA, HEARTBEAT, event_named, open_stream
@@ -165,3 +166,33 @@ def test_http2_reauthorization_extends(lenv, webhook):
     assert proc.returncode == 28, f"curl should have run to its --max-time (rc {proc.returncode})"
     assert not event_named(text, "expired"), text[-300:]
     assert text.count("data: tick") >= 10, text[-300:]
+
+
+def test_a_misrouted_challenge_response_costs_no_webhook_call_once_user_ids_are_subs(envoys, webhook):
+    """One worker (--concurrency 1), the default webhook (user_id = the JWT's sub). Before the
+    worker saw ten verdicts whose user_id is the token's sub, a challenge response of a user with
+    no stream here is verified (one call, 403 user_mismatch); after, it is refused the same way
+    with no call. A user with a stream here is verified as ever (204)."""
+    env = envoys.get(CFG, name="subjects", concurrency=1)
+    early = new_token("stray-early")
+    assert_error(challenge_response(env, early), 403, "user_mismatch")
+    assert len(webhook.calls_for(early)) == 1
+    owner = new_token("owner")
+    with open_stream(env, owner, "stream", x_upstream_interval=0.5) as s:
+        s.read_until(lambda t: "data: tick" in t, timeout=5)
+        for i in range(10):
+            tok = new_token(f"learn{i}")
+            r = env.get("/events/news", {"Authorization": f"Bearer {tok}", "x-upstream-mode": "end"})
+            assert r.status == 200, r
+        late = new_token("stray-late")
+        assert_error(challenge_response(env, late), 403, "user_mismatch")
+        assert webhook.calls_for(late) == [], "a misrouted challenge response reached the webhook"
+        # The owner's own refresh: same sub as the stream (a fresh token of that user).
+        sub = jwtutil.decode_unverified(owner)["sub"]
+        fresh = jwtutil.make_jwt(sub=sub, ttl=900, secret=b"test-secret", extra={"jti": uuid.uuid4().hex})
+        SENT_TOKENS.append(fresh)
+        r = challenge_response(env, fresh)
+        assert r.status == 204, r
+        assert len(webhook.calls_for(fresh)) == 1
+    text = env.envoy_log()
+    assert 'refresh refused: claimed user "stray-late-' in text, text[-2000:]
