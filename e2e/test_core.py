@@ -701,9 +701,8 @@ def test_development_mode(envoys, webhook, upstream):
     assert len(reqs) == 1
     assert "mallory" not in reqs[0].header_all("x-revenprox-user"), "client-supplied user header must be removed"
     assert len(webhook.calls) == before
-    log = denv.envoy_log()
-    warn = [ln for ln in log.splitlines() if re.search(r"\[(warn|warning)\]\[wasm\]", ln)]
-    assert warn, "development mode must log a warning at start"
+    log = denv.wait_log(re.compile(r"\[(warn|warning)\]\[wasm\].*DEVELOPMENT MODE"))
+    assert log is not None, "development mode must log a warning at start:\n" + denv.log_tail()
 
 
 # ----------------------------------------------------------------------------------------------
