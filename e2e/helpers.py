@@ -639,6 +639,29 @@ class Envoy:
         return f"<Envoy {self.name} :{self.port} admin :{self.admin_port} dir {self.dir}>"
 
 
+def credential_leaks(envoys, credentials):
+    """[(log file, credential)] for every credential found in the log or access log of an Envoy in
+    `envoys` that has `leak_check` on. Stop the Envoys first: Envoy flushes its access log on exit."""
+    found = []
+    for env in envoys:
+        if not env.leak_check:
+            continue
+        for path in (env.log_path, env.access_log_path):
+            try:
+                text = path.read_text(errors="replace")
+            except FileNotFoundError:
+                continue
+            found += [(path, c) for c in dict.fromkeys(credentials) if c in text]
+    return found
+
+
+def describe_credential(c):
+    """A credential as a leak report names it: its first characters (and a JWT's `sub`, which
+    says which test made it), never the whole secret."""
+    sub = sub_of(c) if c.count(".") == 2 else None
+    return f"{c[:12]}…" + (f" (sub {sub})" if sub else "")
+
+
 def stop_process(proc, timeout=10.0):
     """Stops a process this test run started: SIGTERM to its PID (never by name), SIGKILL if it
     is still there after `timeout` seconds."""
