@@ -18,15 +18,17 @@ Users and topics (the demo webhook's table): alice -> news, sports; bob -> news.
 Everything listens on 127.0.0.1. Ctrl-C / SIGTERM stops every child (by PID).
 
 The SSE upstream (cluster sse_upstream) is this file's demo app (`run.py --serve-app`): topic
-streams, the browser page from demo/static/ and POST /demo/token, which mints a demo token for
-the page (demo only: it hands out tokens to anyone who can reach it). docker-compose.yml runs
-the same processes.
+streams, the browser page from demo/static/ and POST /demo/token, which mints a demo token (demo
+only: it hands out tokens to anyone who can reach it) and reports it to the webhook, whose
+sessions (e2e/servers/webhook.py: DemoSessions) then know it. docker-compose.yml runs the same
+processes.
 """
 import argparse
 import json
 import mimetypes
 import os
 import random
+import re
 import secrets
 import select
 import shlex
@@ -58,6 +60,11 @@ def env_int(name, default):
 
 # Default ports (REVENPROX_DEMO_*PORT override them); docker-compose.yml uses the same ones.
 DEFAULT_PORTS = {"PORT": 8080, "ADMIN_PORT": 9901, "WEBHOOK_PORT": 9001, "UPSTREAM_PORT": 9002}
+SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def port_of(name):
+    return env_int(f"REVENPROX_DEMO_{name}", DEFAULT_PORTS[name])
 
 
 def demo_settings(env=None):
@@ -143,22 +150,38 @@ class _AppHandler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):
+        """POST /demo/token: a token for `user`, from a JSON body {"user", "ttl_sec", "sid"} or the
+        same query parameters (`?user=alice&ttl_sec=15&format=text` answers the bare token)."""
+        app = self.server.app
         n = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(n) if n else b""
-        if urllib.parse.urlsplit(self.path).path != "/demo/token":
+        url = urllib.parse.urlsplit(self.path)
+        if url.path != "/demo/token":
             return self._reply(404, b"not found\n", "text/plain")
-        try:
-            req = json.loads(body or b"{}")
-            user = req.get("user")
-        except (ValueError, AttributeError):
-            user = None
+        req = dict(urllib.parse.parse_qsl(url.query))
+        if body.strip().startswith(b"{"):
+            try:
+                req.update(json.loads(body))
+            except ValueError:
+                return self._reply(400, {"error": "bad_json", "message": "the body is not JSON"})
+        user, ttl, sid = req.get("user"), req.get("ttl_sec", app.settings["token_ttl_sec"]), req.get("sid")
         if not isinstance(user, str) or user not in DEMO_USERS:
             return self._reply(400, {"error": "unknown_user", "message": f"user must be one of {sorted(DEMO_USERS)}"})
-        ttl = self.server.app.settings["token_ttl_sec"]
-        token = jwtutil.make_jwt(sub=user, secret=self.server.app.secret, ttl=ttl,
-                                 extra={"jti": secrets.token_hex(8)})
+        try:
+            ttl = int(ttl)
+        except (TypeError, ValueError):
+            ttl = 0
+        if not 1 <= ttl <= 86400:
+            return self._reply(400, {"error": "bad_ttl", "message": "ttl_sec: a whole number of seconds, 1 to 86400"})
+        if sid is not None and not (isinstance(sid, str) and SID.fullmatch(sid)):
+            return self._reply(400, {"error": "bad_sid", "message": "sid: 1 to 64 of A-Z a-z 0-9 _ -"})
+        extra = {"jti": secrets.token_hex(8), **({"sid": sid} if sid else {})}
+        token = jwtutil.make_jwt(sub=user, secret=app.secret, ttl=ttl, extra=extra)
         exp = jwtutil.decode_unverified(token)["exp"]
-        self._reply(200, {"token": token, "user": user, "expires_at": exp, "ttl_sec": ttl})
+        app.report_issued(token)
+        if req.get("format") == "text":
+            return self._reply(200, token.encode() + b"\n", "text/plain")
+        self._reply(200, {"token": token, "user": user, "expires_at": exp, "ttl_sec": ttl, "sid": sid})
 
     def _stream(self, url):
         """The demo topic stream: an event every `every` seconds (query, default from settings)."""
@@ -200,16 +223,29 @@ class _AppServer(ThreadingHTTPServer):
 
 
 class DemoApp:
-    def __init__(self, host, port, secret, static_dir=STATIC_DIR, settings=None):
+    def __init__(self, host, port, secret, static_dir=STATIC_DIR, settings=None, webhook_url=None):
         self.secret = secret
         self.static_dir = Path(static_dir).resolve()
         self.settings = settings or demo_settings()
+        # the demo webhook: its sessions learn of every token issued here (docker-compose.yml sets it)
+        self.webhook_url = (webhook_url or os.environ.get("REVENPROX_DEMO_WEBHOOK_URL")
+                            or f"http://127.0.0.1:{port_of('WEBHOOK_PORT')}")
         self.httpd = _AppServer((host, port), _AppHandler)
         self.httpd.app = self
 
     @property
     def port(self):
         return self.httpd.server_address[1]
+
+    def report_issued(self, token):
+        """Tells the webhook's sessions about a token issued here; False when it did not take it."""
+        req = urllib.request.Request(self.webhook_url + "/demo/issued", data=json.dumps({"jwt": token}).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status == 204
+        except OSError:
+            return False
 
 
 def serve_app(host, port):
@@ -338,7 +374,8 @@ class Demo:
         self.spawn("webhook", [py, str(servers / "webhook.py"), "--demo", "--port", str(self.webhook_port)],
                    {"REVENPROX_DEMO_SECRET": self.secret})
         self.spawn("sse_upstream", [py, str(Path(__file__).resolve()), "--serve-app", "--port", str(self.upstream_port)],
-                   {"REVENPROX_DEMO_SECRET": self.secret})
+                   {"REVENPROX_DEMO_SECRET": self.secret,
+                    "REVENPROX_DEMO_WEBHOOK_URL": f"http://127.0.0.1:{self.webhook_port}"})
         self.wait_port(self.webhook_port)
         self.wait_port(self.upstream_port)
         yaml_path = self.render()
@@ -349,7 +386,9 @@ class Demo:
 
     # -- tokens ----------------------------------------------------------------------------------
     def token(self, user, secret=None, ttl=3600):
-        return jwtutil.make_jwt(sub=user, secret=(secret or self.secret), ttl=ttl)
+        # a session of their own (sid): an hour-long token must not lengthen alice's other
+        # sessions at the webhook (the page's, a terminal's)
+        return jwtutil.make_jwt(sub=user, secret=(secret or self.secret), ttl=ttl, extra={"sid": "banner"})
 
     def examples(self):
         url = f"http://127.0.0.1:{self.port}"

@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const demo = window.revenproxDemo = {
-  settings: null, user: null, token: null, sub: null, state: 'idle', mode: null,
+  settings: null, user: null, token: null, sid: null, sub: null, state: 'idle', mode: null,
   counts: { events: 0, heartbeats: 0, challenges: 0, answered: 0, refusedAnswers: 0, expired: 0, tokens: 0 },
   firstExpiresAt: null, expiresAt: null, openedAt: null, lastEventAt: null, log: [],
 };
@@ -63,10 +63,14 @@ function render() {
 }
 setInterval(render, 250);
 
-async function mintToken() {
+// A login starts a session (sid): every token minted for it later carries the same sid, so the
+// demo webhook treats them as one session (e2e/servers/webhook.py: DemoSessions).
+async function mintToken(newSession) {
+  const user = $('user').value;
+  if (newSession || !demo.sid || demo.user !== user) demo.sid = `page-${Math.random().toString(36).slice(2, 12)}`;
   const res = await fetch('/demo/token', {
     method: 'POST', headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ user: $('user').value }), cache: 'no-store',
+    body: JSON.stringify({ user, sid: demo.sid }), cache: 'no-store',
   });
   if (!res.ok) throw new Error(`POST /demo/token -> ${res.status}`);
   const body = await res.json();
@@ -75,7 +79,7 @@ async function mintToken() {
 }
 
 async function login() {
-  const t = await mintToken();
+  const t = await mintToken(true);
   demo.user = t.user;
   demo.token = t.token;
   $('who').textContent = `logged in as ${t.user}: token valid until ${clock(t.expires_at)} (${t.ttl_sec} s)`;

@@ -58,8 +58,9 @@ def decode_unverified(token: str):
         return None
 
 
-def verify_hs256(token: str, secret, now=None):
-    """Checked payload (signature HS256 + exp in the future) or None."""
+def verify_hs256(token: str, secret, now=None, check_exp=True):
+    """Checked payload (signature HS256 + exp in the future) or None. check_exp=False checks the
+    signature only (the payload must still have a numeric exp)."""
     if isinstance(secret, str):
         secret = secret.encode()
     try:
@@ -75,7 +76,7 @@ def verify_hs256(token: str, secret, now=None):
             return None
         exp = payload.get("exp")
         now = time.time() if now is None else now
-        if not isinstance(exp, (int, float)) or exp <= now:
+        if not isinstance(exp, (int, float)) or (check_exp and exp <= now):
             return None
         return payload
     except Exception:

@@ -12,8 +12,9 @@ Test mode (default, programmable):
 
 Demo mode (standalone):
     python3 e2e/servers/webhook.py --demo --port 9001 --secret s3cret
-    verifies HS256 signature + exp, then authorizes the topic for the user
-    (alice -> news, sports; bob -> news) using the contract's topic ids.
+    verifies the HS256 signature, the token's session (DemoSessions below) and the topic for the
+    user (alice -> news, sports; bob -> news) using the contract's topic ids. POST /demo/issued
+    {"jwt": ...} is how the demo's token endpoint reports a token it issued (204).
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Optional, Union
@@ -34,6 +36,41 @@ except ImportError:  # run as a script
     from httpbase import QuietServer, serve_until_signalled  # type: ignore
 
 DEMO_TOPICS = {"alice": ["news", "sports"], "bob": ["news"]}
+
+
+class DemoSessions:
+    """The demo webhook's sessions (demo mode only).
+
+    A session is the `sid` claim of the tokens that carry one, else their user (`sub`). Its expiry
+    is the latest `exp` of any token of that session that the demo's token endpoint issued (it
+    reports each one: POST /demo/issued) or that this webhook verified as valid. A correctly signed
+    token whose session still has time left is valid until the SESSION's expiry, even when its own
+    `exp` is earlier or already past: refreshing a session extends every token of it, as a refresh
+    token would in a real login. So a stream that reconnects with the token it started with (a
+    native EventSource with ?token= or a cookie does) gets the session's current expiry, and a
+    challenge answered with any fresh token of the session moves it. A session whose latest expiry
+    has passed is over: its tokens are refused."""
+
+    def __init__(self):
+        self._latest = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(claims: dict) -> str:
+        sid = claims.get("sid")
+        return f"sid:{sid}" if isinstance(sid, str) and sid else f"user:{claims.get('sub')}"
+
+    def record(self, claims: dict):
+        """A token of this session is good until its exp: the session lasts at least as long."""
+        with self._lock:
+            k = self.key(claims)
+            self._latest[k] = max(self._latest.get(k, 0), int(claims["exp"]))
+
+    def expiry(self, claims: dict):
+        """The session's latest expiry (epoch seconds), or None when it never had a valid token."""
+        with self._lock:
+            return self._latest.get(self.key(claims))
+
 
 _UNSET = object()
 
@@ -120,6 +157,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self):
         body = self._read_body()
         owner: WebhookServer = self.server.owner
+        if owner.demo_secret is not None and urllib.parse.urlsplit(self.path).path == "/demo/issued":
+            return self._issued(owner, body)
         try:
             parsed = json.loads(body) if body else None
         except Exception:
@@ -155,6 +194,19 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def _issued(self, owner, body):
+        """POST /demo/issued {"jwt": ...}: the demo's token endpoint issued this token (demo mode)."""
+        try:
+            token = json.loads(body).get("jwt")
+        except (ValueError, AttributeError):
+            token = None
+        claims = jwtutil.verify_hs256(token, owner.demo_secret) if isinstance(token, str) else None
+        if claims:
+            owner.sessions.record(claims)
+        self.send_response(204 if claims else 400)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
     do_POST = _handle
     do_GET = _handle
     do_PUT = _handle
@@ -170,6 +222,7 @@ class WebhookServer:
         self.demo_secret = demo_secret  # not None -> demo mode
         self.topics = topics if topics is not None else DEMO_TOPICS
         self.verbose = verbose
+        self.sessions = DemoSessions()  # demo mode only
         self.default = Behaviour()
         self._lock = threading.Lock()
         self._calls = []
@@ -247,15 +300,22 @@ class WebhookServer:
         return {"valid": True, "user_id": user, "expires_at": int(time.time()) + 600}
 
     def demo_verdict(self, token: str, topic: str) -> dict:
+        """HS256 signature, then the user's topics, then the token's session (DemoSessions)."""
         refused = {"valid": False, "user_id": None, "expires_at": None}
-        claims = jwtutil.verify_hs256(token, self.demo_secret)
+        now = time.time()
+        claims = jwtutil.verify_hs256(token, self.demo_secret, now=now, check_exp=False)
         if not claims or not isinstance(claims.get("sub"), str):
             return refused
         user = claims["sub"]
         allowed = {jwtutil.topic_id(name) for name in self.topics.get(user, [])}
         if topic not in allowed:
             return refused
-        return {"valid": True, "user_id": user, "expires_at": int(claims["exp"])}
+        if claims["exp"] > now:
+            self.sessions.record(claims)
+        session_exp = self.sessions.expiry(claims)
+        if session_exp is None or session_exp <= now:
+            return refused
+        return {"valid": True, "user_id": user, "expires_at": session_exp}
 
 
 def main(argv=None):
