@@ -22,8 +22,12 @@ streams, the browser page from demo/static/ and POST /demo/token, which mints a 
 only: it hands out tokens to anyone who can reach it) and reports it to the webhook, whose
 sessions (e2e/servers/webhook.py: DemoSessions) then know it. docker-compose.yml runs the same
 processes.
+
+While it runs, the terminal shows the demo's live activity, one line per webhook decision, token
+issued, stream opened or closed, challenge, refresh and expiry (class Activity); never a token.
 """
 import argparse
+import calendar
 import json
 import mimetypes
 import os
@@ -49,6 +53,7 @@ sys.path.insert(0, str(REPO / "e2e" / "servers"))
 import jwtutil  # noqa: E402
 from httpbase import start_event_stream  # noqa: E402
 from webhook import DEMO_TOPICS as DEMO_USERS  # noqa: E402  (alice -> news, sports; bob -> news)
+from webhook import activity_line, clock  # noqa: E402
 
 TEMPLATE = REPO / "envoy" / "revenprox.yaml.tmpl"
 STATIC_DIR = REPO / "demo" / "static"
@@ -60,7 +65,10 @@ def env_int(name, default):
 
 # Default ports (REVENPROX_DEMO_*PORT override them); docker-compose.yml uses the same ones.
 DEFAULT_PORTS = {"PORT": 8080, "ADMIN_PORT": 9901, "WEBHOOK_PORT": 9001, "UPSTREAM_PORT": 9002}
+# The filter's own metrics at Envoy's admin (Prometheus names without Envoy's `wasmcustom.`).
+METRICS_PATH = "/stats/prometheus?filter=wasmcustom.revenprox_"
 SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 
 
 def port_of(name):
@@ -178,7 +186,9 @@ class _AppHandler(BaseHTTPRequestHandler):
         extra = {"jti": secrets.token_hex(8), **({"sid": sid} if sid else {})}
         token = jwtutil.make_jwt(sub=user, secret=app.secret, ttl=ttl, extra=extra)
         exp = jwtutil.decode_unverified(token)["exp"]
-        app.report_issued(token)
+        reported = app.report_issued(token)
+        activity(f"token    issued for {user}{f' (session {sid})' if sid else ''}, valid until {clock(exp)}"
+                 + ("" if reported else " (the webhook did not take it: its session does not know it)"))
         if req.get("format") == "text":
             return self._reply(200, token.encode() + b"\n", "text/plain")
         self._reply(200, {"token": token, "user": user, "expires_at": exp, "ttl_sec": ttl, "sid": sid})
@@ -195,7 +205,9 @@ class _AppHandler(BaseHTTPRequestHandler):
         if not start_event_stream(self):
             return
         user = self.headers.get("x-revenprox-user") or ""
-        seq = 0
+        who = f"{user or '(no user)'} on {topic}"
+        activity(f"stream   {who}: opened")
+        seq, t0 = 0, time.monotonic()
         try:
             while True:
                 data = {"topic": topic, "seq": seq, "user": user, "time": time.strftime("%H:%M:%S")}
@@ -207,6 +219,7 @@ class _AppHandler(BaseHTTPRequestHandler):
                     break
         except OSError:
             pass
+        activity(f"stream   {who}: closed after {time.monotonic() - t0:.1f} s, {seq} event{'s' * (seq != 1)} sent")
         self.close_connection = True
 
 
@@ -220,6 +233,24 @@ class _AppServer(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return
         super().handle_error(request, client_address)
+
+
+def plain_metrics(text):
+    """{name: value} of the unlabelled series in Envoy's Prometheus text (`name{} value`): the
+    filter's counters and gauges, without the histogram's buckets, sum and count."""
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            name = parts[0][:-2] if parts[0].endswith("{}") else parts[0]
+            if "{" not in name and not name.endswith(("_sum", "_count")):
+                values[name] = float(parts[1])
+    return values
+
+
+def activity(text):
+    """One line of live activity (the demo app's stdout; `make demo` shows it in its terminal)."""
+    print(activity_line(JWT_LIKE.sub("<token>", text)), flush=True)
 
 
 class DemoApp:
@@ -379,15 +410,17 @@ class Demo:
         self.wait_port(self.webhook_port)
         self.wait_port(self.upstream_port)
         yaml_path = self.render()
+        # wasm:debug: the filter's own debug lines (stream opened, challenge sent, ...) reach the
+        # log, and Activity shows them
         self.spawn("envoy", [str(self.envoy), "-c", str(yaml_path), "--concurrency", "2",
                              "--base-id", str(random.randint(100_000, 4_000_000)), "--log-level", "info",
-                             "--file-flush-interval-msec", "500"])
+                             "--component-log-level", "wasm:debug", "--file-flush-interval-msec", "500"])
         self.wait_envoy_ready()
 
     # -- tokens ----------------------------------------------------------------------------------
     def token(self, user, secret=None, ttl=3600):
         # a session of their own (sid): an hour-long token must not lengthen alice's other
-        # sessions at the webhook (the page's, a terminal's)
+        # sessions at the webhook (the page's, the lifecycle one-liner's)
         return jwtutil.make_jwt(sub=user, secret=(secret or self.secret), ttl=ttl, extra={"sid": "banner"})
 
     def examples(self):
@@ -396,6 +429,161 @@ class Demo:
         bad = self.token("alice", secret="not-the-demo-secret")
         bob = self.token("bob")
         return url, good, bad, bob
+
+    def lifecycle_ttl(self):
+        """The one-liner's token lifetime: its first challenge comes 2 s after the first heartbeat."""
+        s = demo_settings()
+        return s["challenge_before_expiry_sec"] + s["heartbeat_interval_sec"] + 2
+
+    def lifecycle_command(self):
+        """A shell one-liner that shows a whole session from the terminal: two short-lived tokens
+        from the demo's token endpoint; heartbeats on a quiet topic; the first challenge answered
+        (refresh POST -> 204), the second not; event: expired; the reset (curl: (18))."""
+        url = f"http://127.0.0.1:{self.port}"
+        return (f"H={url}; a=; tok() {{ curl -s -X POST \"$H/demo/token?user=alice&ttl_sec={self.lifecycle_ttl()}&format=text\"; }}; "
+                'curl -sSN -H "Authorization: Bearer $(tok)" "$H/events/news?every=60" | '
+                'while IFS= read -r l; do echo "$l"; case "$l" in *x-challenge-response*) [ -z "$a" ] && a=1 && '
+                'curl -s -o /dev/null -w ">>> refresh POST: %{http_code}\\n" -X POST '
+                '-H "content-type: application/x-challenge-response" -H "Authorization: Bearer $(tok)" "$H/events/news";; '
+                'esac; done')
+
+    def banner(self):
+        url, good, bad, bob = self.examples()
+        s = demo_settings()
+        ttl = self.lifecycle_ttl()
+        total = ttl + ttl - s["challenge_before_expiry_sec"]
+        return f"""
+RevenProx demo is running (logs and rendered config in {self.dir})
+  Envoy      {url}            admin http://127.0.0.1:{self.admin_port}/
+  metrics    http://127.0.0.1:{self.admin_port}{METRICS_PATH}
+  webhook    http://127.0.0.1:{self.webhook_port}/verify   (HS256; alice -> news, sports; bob -> news)
+  web page   {url}/   (browser demo: log in as alice or bob, three ways to stream, challenges)
+  topics     {url}/events/<topic>   (only through Envoy: the demo app behind it checks no token)
+
+A whole session in about {total} s ({ttl} s tokens: heartbeats every {s['heartbeat_interval_sec']} s of silence, event: challenge
+{s['challenge_before_expiry_sec']} s before expiry, answered once with a refresh POST -> 204, then event: expired and the reset, curl: (18)):
+  {self.lifecycle_command()}
+
+Stream as alice (token valid 1 h):
+  curl -N -H {shlex.quote('Authorization: Bearer ' + good)} {url}/events/news
+
+Refused (token signed with the wrong secret -> 401):
+  curl -i -H {shlex.quote('Authorization: Bearer ' + bad)} {url}/events/news
+
+Refused (bob may not read sports -> 401):
+  curl -i -H {shlex.quote('Authorization: Bearer ' + bob)} {url}/events/sports
+
+Same token in the query string (stripped before the upstream and the access log):
+  curl -N '{url}/events/sports?token={good}'
+
+Client recipes (curl, Node, Python): docs/clients.md. Ctrl-C to stop.
+
+Live activity (one line per webhook decision, token issued, stream opened or closed, challenge,
+refresh and expiry; never a token):"""
+
+
+class Activity:
+    """`make demo`'s live activity: one terminal line per
+
+    - webhook decision and token issued, stream opened or closed: the `activity:` lines the webhook
+      and the demo app print (webhook.log, sse_upstream.log);
+    - refresh (the POST that answers a challenge) and refused stream: Envoy's access log;
+    - challenge sent and stream expired: the filter's counters at Envoy's admin, polled four times
+      a second (they name no user: the stream's `closed` line follows);
+    - and every line the filter itself logs (`revenprox: ...` in Envoy's log, at any level).
+
+    Never a token: the filter strips them from the paths the access log records, the other
+    sources print none, and anything that looks like a JWT is masked anyway. Lines read in one
+    poll are printed in the order they happened."""
+
+    OWN = re.compile(r"^activity: (\d\d:\d\d:\d\d\.\d{3}) (.*)$")
+    ACCESS = re.compile(r'^\[(\S+)\] access "(\S+) (\S+) [^"]*" (\d{3}) (\S+) (\S*) bytes=\d+ dur=(\d+)ms')
+    FILTER_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\].*wasm log \S+ \S+: (revenprox: .*)$")
+    # counter -> (what the filter's own line says when it reports the same, the line to print)
+    COUNTERS = {"revenprox_challenges_sent": ("challenge sent", "event: challenge sent to {n} stream{s}"),
+                "revenprox_streams_expired": ("stream expired", "event: expired sent to {n} stream{s}: the filter resets it")}
+
+    def __init__(self, demo, out=None):
+        self.demo = demo
+        self.out = out or sys.stdout
+        self.offsets = {}
+        self.partial = {}
+        self.counters = None
+        self.polled = time.time()
+        self.filter_says = set()  # what the filter's own lines already report (no double lines)
+
+    @staticmethod
+    def stamp(ts):
+        return f"{clock(ts)}.{int(ts * 1000) % 1000:03d}"
+
+    def new_lines(self, name):
+        try:
+            with open(self.demo.dir / name, "rb") as f:
+                f.seek(self.offsets.get(name, 0))
+                data = f.read(1 << 20)
+                self.offsets[name] = f.tell()
+        except FileNotFoundError:
+            return []
+        lines = (self.partial.pop(name, "") + data.decode("utf-8", "replace")).split("\n")
+        if lines[-1]:
+            self.partial[name] = lines[-1]
+        return lines[:-1]
+
+    def from_logs(self):
+        """[(HH:MM:SS.mmm, text)] of the new log lines worth a line."""
+        found = []
+        for name in ("webhook.log", "sse_upstream.log"):
+            found += [m.groups() for m in map(self.OWN.match, self.new_lines(name)) if m]
+        for line in self.new_lines("access.log"):
+            m = self.ACCESS.match(line)
+            if not m or not m.group(3).startswith("/events"):
+                continue
+            start, method, path, status, details = m.group(1), m.group(2), m.group(3).split("?", 1)[0], m.group(4), m.group(6)
+            try:
+                ts = calendar.timegm(time.strptime(start[:19], "%Y-%m-%dT%H:%M:%S")) \
+                    + float("0" + start[19:].rstrip("Z")) + int(m.group(7)) / 1000  # its end
+            except ValueError:
+                ts = time.time()
+            if method == "POST":
+                what = "the stream goes on with the new expiry" if status == "204" else "refused"
+                found.append((self.stamp(ts), f"refresh  POST {path} -> {status} ({what})"))
+            elif status != "200":
+                found.append((self.stamp(ts), f"refused  {method} {path} -> {status} {details.strip('-')}".rstrip()))
+        for line in self.new_lines("envoy.log"):
+            m = self.FILTER_LINE.match(line)
+            if m:
+                self.filter_says |= {kind for kind, _ in self.COUNTERS.values() if kind in m.group(2)}
+                found.append((m.group(1)[11:], f"filter   {m.group(2)}"))
+        return found
+
+    def from_counters(self):
+        polled = time.time()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.demo.admin_port}{METRICS_PATH}", timeout=2) as r:
+                now = plain_metrics(r.read().decode())
+        except OSError:
+            return []
+        found = []
+        if self.counters is not None:
+            for name, (kind, template) in self.COUNTERS.items():
+                n = int(now.get(name, 0) - self.counters.get(name, 0))
+                if n > 0 and kind not in self.filter_says:
+                    # it happened since the last poll: sorted before what the logs say of that second
+                    found.append((self.stamp(self.polled), "filter   " + template.format(n=n, s="s" if n > 1 else "")))
+        self.counters, self.polled = now, polled
+        return found
+
+    def say(self, found):
+        for stamp, text in sorted(found, key=lambda f: f[0]):
+            self.out.write(f"{stamp[:8]}  {JWT_LIKE.sub('<token>', text)}\n")
+        self.out.flush()
+
+    def run(self, stop):
+        """Until `stop` is set: logs and counters every 0.25 s."""
+        self.from_counters()
+        while not stop.wait(0.25):
+            self.say(self.from_counters() + self.from_logs())
+        self.say(self.from_logs())
 
 
 def curl(args, timeout):
@@ -480,31 +668,18 @@ def main():
                 return 1
             print("demo check OK")
             return 0
-        url, good, bad, bob = demo.examples()
-        print(f"""
-RevenProx demo is running (logs and rendered config in {demo.dir})
-  Envoy      {url}            admin http://127.0.0.1:{demo.admin_port}/stats/prometheus
-  webhook    http://127.0.0.1:{demo.webhook_port}/verify   (HS256; alice -> news, sports; bob -> news)
-  topics     http://127.0.0.1:{demo.upstream_port}/events/<topic>   (one event per second)
-  web page   {url}/   (browser demo: log in as alice or bob, three ways to stream, challenges)
-
-Stream as alice (token valid 1 h):
-  curl -N -H {shlex.quote('Authorization: Bearer ' + good)} {url}/events/news
-
-Refused (token signed with the wrong secret -> 401):
-  curl -i -H {shlex.quote('Authorization: Bearer ' + bad)} {url}/events/news
-
-Refused (bob may not read sports -> 401):
-  curl -i -H {shlex.quote('Authorization: Bearer ' + bob)} {url}/events/sports
-
-Same token in the query string (stripped before the upstream and the access log):
-  curl -N '{url}/events/sports?token={good}'
-
-Ctrl-C to stop.
-""", flush=True)
-        while not stopping["flag"]:
-            demo.check_children()
-            time.sleep(0.5)
+        print(demo.banner(), flush=True)
+        feed = Activity(demo)
+        stop_feed = threading.Event()
+        feeder = threading.Thread(target=feed.run, args=(stop_feed,), daemon=True)
+        feeder.start()
+        try:
+            while not stopping["flag"]:
+                demo.check_children()
+                time.sleep(0.5)
+        finally:
+            stop_feed.set()
+            feeder.join(timeout=5)
         print("\nstopping demo...", flush=True)
         return 0
     finally:

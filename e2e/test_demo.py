@@ -1,12 +1,18 @@
-"""`make demo` works:
+"""`make demo` works and shows a newcomer the whole session:
 
 - `demo/run.py --check` on free ports: events arrive for alice, a token signed with the wrong
   secret gets 401, bob is refused on a topic he may not read, the page and its token endpoint;
+- `demo/run.py` itself, with its default timings: the banner's lifecycle one-liner, run as a user
+  would paste it, shows a first event, a heartbeat, a challenge, the refresh POST's 204, a second
+  challenge, `event: expired` and curl's error 18, in under 30 s; the terminal's live activity
+  has a line for each webhook decision, token, stream opened and closed, challenge, refresh and
+  expiry, and no token; the banner names no URL of the unguarded demo app;
 - the demo webhook's sessions (e2e/servers/webhook.py: DemoSessions) and the demo app's token
   endpoint, in this process.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,13 +22,14 @@ import urllib.request
 
 import pytest
 
-from helpers import ENVOY_BIN, REPO, WASM, free_port
+from helpers import ENVOY_BIN, REPO, WASM, free_port, run_dir, stop_process
 from servers import jwtutil
 from servers.webhook import WebhookServer
 
 sys.path.insert(0, str(REPO / "demo"))
 import run as demo_run  # noqa: E402
 
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 NEWS = jwtutil.topic_id("news")
 SPORTS = jwtutil.topic_id("sports")
 
@@ -49,6 +56,65 @@ def test_demo_check(tmp_path):
     assert "demo check OK" in p.stdout
 
 
+def wait_for(path, pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if pred(text):
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not there after {timeout}s; {path}:\n{text[-4000:]}")
+        time.sleep(0.1)
+
+
+def test_demo_terminal_shows_a_whole_session_and_its_activity():
+    out_dir = run_dir() / "demo-terminal"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env, ports = demo_env(out_dir / "demo")  # the default session timings
+    out_path = out_dir / "terminal.txt"
+    out = open(out_path, "wb")
+    proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "run.py")], env=env, stdout=out,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        banner = wait_for(out_path, lambda t: "Live activity" in t or proc.poll() is not None, 40, "the banner")
+        assert proc.poll() is None, banner
+        # the banner names no URL of the demo app behind Envoy (it checks no token)
+        assert f":{ports['UPSTREAM_PORT']}" not in banner, banner
+        one_liner = [ln.strip() for ln in banner.splitlines() if ln.strip().startswith("H=")]
+        assert len(one_liner) == 1, banner
+        # ... pasted into a shell as it is
+        t0 = time.monotonic()
+        shell = subprocess.run(["bash", "-c", one_liner[0]], capture_output=True, text=True, timeout=40,
+                               cwd=out_dir)
+        took = time.monotonic() - t0
+        seen = shell.stdout + shell.stderr
+        (out_dir / "one-liner.txt").write_text(f"$ {one_liner[0]}\n{seen}\n(took {took:.1f} s)\n")
+        assert took < 30, f"the lifecycle took {took:.1f} s:\n{seen}"
+        steps = ['data: {"topic": "news"', ": heartbeat", "event: challenge", ">>> refresh POST: 204",
+                 ": heartbeat", "event: challenge", "event: expired", 'data: {"reason":"token_expired"}',
+                 "curl: (18) transfer closed with outstanding read data remaining"]
+        pos = 0
+        for step in steps:
+            at = seen.find(step, pos)
+            assert at >= 0, f"{step!r} missing (in this order: {steps}):\n{seen}"
+            pos = at + len(step)
+        # the terminal's live activity, one line each (the counters are polled every second)
+        needed = [r"webhook  alice on news: valid until", r"token    issued for alice", r"stream   alice on news: opened",
+                  r"filter   event: challenge sent to 1 stream", r"refresh  POST /events/news -> 204",
+                  r"filter   event: expired sent to 1 stream", r"stream   alice on news: closed after"]
+        text = wait_for(out_path, lambda t: all(re.search(n, t) for n in needed), 10, f"activity lines {needed}")
+        activity = text.split("Live activity", 1)[1]
+        assert len(re.findall(r"webhook  alice on news: valid until", activity)) == 2, activity  # open + refresh
+        assert len(re.findall(r"token    issued for alice", activity)) == 2, activity
+        assert len(re.findall(r"challenge sent to 1 stream", activity)) == 2, activity
+        assert not JWT.search(activity), f"a token in the activity lines:\n{activity}"
+        assert all(re.match(r"\d\d:\d\d:\d\d  \S", ln) for ln in activity.splitlines()[2:] if ln.strip()), activity
+    finally:
+        stop_process(proc, timeout=20)
+        out.close()
+    assert "stopping demo" in out_path.read_text()
+
+
 # ----------------------------------------------------------------------------------------------
 # the demo webhook's sessions and the demo app's token endpoint, in this process
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +133,9 @@ def post(url, body, timeout=5):
 
 @pytest.fixture
 def demo_webhook():
-    srv = WebhookServer(demo_secret=SECRET).start()
+    lines = []
+    srv = WebhookServer(demo_secret=SECRET, activity=lines.append).start()
+    srv.activity_lines = lines
     yield srv
     srv.stop()
 
@@ -107,6 +175,12 @@ def test_demo_webhook_sessions_carry_the_latest_expiry(demo_webhook):
     assert post(f"http://127.0.0.1:{demo_webhook.port}/demo/issued",
                 {"jwt": tok(exp=now + 500, sid="s1", secret="x")})[0] == 400
     assert verify(demo_webhook, first)["expires_at"] == now + 50
+    # one activity line per decision, none with a token
+    lines = demo_webhook.activity_lines
+    assert len(lines) == 10 and not any(JWT.search(ln) for ln in lines), lines
+    assert "valid until" in lines[0] and "(its session's; the token's own exp is" in lines[1], lines
+    assert "refused (not signed with the demo secret)" in lines[7], lines
+    assert "bob may not read it" in lines[8], lines
 
 
 def test_demo_token_endpoint_feeds_the_sessions(demo_webhook):

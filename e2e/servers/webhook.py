@@ -14,7 +14,8 @@ Demo mode (standalone):
     python3 e2e/servers/webhook.py --demo --port 9001 --secret s3cret
     verifies the HS256 signature, the token's session (DemoSessions below) and the topic for the
     user (alice -> news, sports; bob -> news) using the contract's topic ids. POST /demo/issued
-    {"jwt": ...} is how the demo's token endpoint reports a token it issued (204).
+    {"jwt": ...} is how the demo's token endpoint reports a token it issued (204). Prints one
+    `activity:` line per decision (user, topic, verdict; never a token) for `make demo`'s terminal.
 """
 import argparse
 import json
@@ -36,6 +37,22 @@ except ImportError:  # run as a script
     from httpbase import QuietServer, serve_until_signalled  # type: ignore
 
 DEMO_TOPICS = {"alice": ["news", "sports"], "bob": ["news"]}
+_DEMO_TOPIC_NAMES = {jwtutil.topic_id(t): t for topics in DEMO_TOPICS.values() for t in topics}
+
+
+def topic_label(topic_id: str) -> str:
+    """A demo topic's name for its id, else the id's first 8 hex digits."""
+    return _DEMO_TOPIC_NAMES.get(topic_id) or (topic_id[:8] + "…" if topic_id else "?")
+
+
+def clock(ts) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def activity_line(text, ts=None) -> str:
+    """A line of the demo's live activity: `activity: HH:MM:SS.mmm text` (demo/run.py shows them)."""
+    ts = time.time() if ts is None else ts
+    return f"activity: {clock(ts)}.{int(ts * 1000) % 1000:03d} {text}"
 
 
 class DemoSessions:
@@ -216,13 +233,14 @@ _Server = QuietServer
 
 
 class WebhookServer:
-    def __init__(self, host="127.0.0.1", port=0, demo_secret=None, topics=None, verbose=False):
+    def __init__(self, host="127.0.0.1", port=0, demo_secret=None, topics=None, verbose=False, activity=None):
         self.host = host
         self.requested_port = port
         self.demo_secret = demo_secret  # not None -> demo mode
         self.topics = topics if topics is not None else DEMO_TOPICS
         self.verbose = verbose
         self.sessions = DemoSessions()  # demo mode only
+        self.activity = activity or (lambda text: None)  # demo mode: one line per decision
         self.default = Behaviour()
         self._lock = threading.Lock()
         self._calls = []
@@ -305,16 +323,21 @@ class WebhookServer:
         now = time.time()
         claims = jwtutil.verify_hs256(token, self.demo_secret, now=now, check_exp=False)
         if not claims or not isinstance(claims.get("sub"), str):
+            self.activity(f"webhook  ? on {topic_label(topic)}: refused (not signed with the demo secret)")
             return refused
         user = claims["sub"]
         allowed = {jwtutil.topic_id(name) for name in self.topics.get(user, [])}
         if topic not in allowed:
+            self.activity(f"webhook  {user} on {topic_label(topic)}: refused ({user} may not read it)")
             return refused
         if claims["exp"] > now:
             self.sessions.record(claims)
         session_exp = self.sessions.expiry(claims)
         if session_exp is None or session_exp <= now:
+            self.activity(f"webhook  {user} on {topic_label(topic)}: refused (token and session expired)")
             return refused
+        note = "" if session_exp == int(claims["exp"]) else f" (its session's; the token's own exp is {clock(claims['exp'])})"
+        self.activity(f"webhook  {user} on {topic_label(topic)}: valid until {clock(session_exp)}{note}")
         return {"valid": True, "user_id": user, "expires_at": session_exp}
 
 
@@ -328,7 +351,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.demo and not args.secret:
         ap.error("--demo needs --secret or REVENPROX_DEMO_SECRET")
-    srv = WebhookServer(args.host, args.port, demo_secret=args.secret if args.demo else None, verbose=args.verbose)
+    srv = WebhookServer(args.host, args.port, demo_secret=args.secret if args.demo else None, verbose=args.verbose,
+                        activity=lambda text: print(activity_line(text), flush=True))
     srv.start()
     mode = "demo (HS256, topics: %s)" % json.dumps(DEMO_TOPICS) if args.demo else "test (accept all)"
     print(f"webhook listening on http://{args.host}:{srv.port}/verify mode={mode}", flush=True)
