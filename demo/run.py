@@ -18,10 +18,10 @@ Users and topics (the demo webhook's table): alice -> news, sports; bob -> news.
 Everything listens on 127.0.0.1. Ctrl-C / SIGTERM stops every child (by PID).
 
 The SSE upstream (cluster sse_upstream) is this file's demo app (`run.py --serve-app`): topic
-streams, the browser page from demo/static/ and POST /demo/token, which mints a demo token (demo
-only: it hands out tokens to anyone who can reach it) and reports it to the webhook, whose
-sessions (e2e/servers/webhook.py: DemoSessions) then know it. docker-compose.yml runs the same
-processes.
+streams, the browser page from demo/static/, the filter's counters for the page (GET
+/demo/metrics, read from Envoy's admin) and POST /demo/token, which mints a demo token (demo only:
+it hands out tokens to anyone who can reach it) and reports it to the webhook, whose sessions
+(e2e/servers/webhook.py: DemoSessions) then know it. docker-compose.yml runs the same processes.
 
 While it runs, the terminal shows the demo's live activity, one line per webhook decision, token
 issued, stream opened or closed, challenge, refresh and expiry (class Activity); never a token.
@@ -142,7 +142,12 @@ class _AppHandler(BaseHTTPRequestHandler):
         if url.path == "/health":
             return self._reply(200, b"ok\n", "text/plain")
         if url.path == "/demo/settings":
-            return self._reply(200, dict(app.settings, users=DEMO_USERS))
+            return self._reply(200, dict(app.settings, users=DEMO_USERS, admin_port=app.admin_port,
+                                         metrics_path=METRICS_PATH))
+        if url.path == "/demo/metrics":
+            return self._metrics()
+        if url.path == "/favicon.ico":
+            return self._reply(204, b"", "image/x-icon")
         if url.path == "/demo/token":
             return self._reply(405, {"error": "method_not_allowed", "message": "POST {\"user\": \"alice\"}"},
                                extra=[("allow", "POST")])
@@ -156,6 +161,15 @@ class _AppHandler(BaseHTTPRequestHandler):
         return self._reply(404, b"not found\n", "text/plain")
 
     do_HEAD = do_GET
+
+    def _metrics(self):
+        """The filter's counters and gauges, read from Envoy's admin: {name: value}."""
+        try:
+            with urllib.request.urlopen(self.server.app.admin_url + METRICS_PATH, timeout=2) as r:
+                text = r.read().decode()
+        except OSError as e:
+            return self._reply(502, {"error": "admin_unreachable", "message": str(e)})
+        return self._reply(200, plain_metrics(text))
 
     def do_POST(self):
         """POST /demo/token: a token for `user`, from a JSON body {"user", "ttl_sec", "sid"} or the
@@ -254,13 +268,17 @@ def activity(text):
 
 
 class DemoApp:
-    def __init__(self, host, port, secret, static_dir=STATIC_DIR, settings=None, webhook_url=None):
+    def __init__(self, host, port, secret, static_dir=STATIC_DIR, settings=None, webhook_url=None, admin_url=None):
         self.secret = secret
         self.static_dir = Path(static_dir).resolve()
         self.settings = settings or demo_settings()
-        # the demo webhook: its sessions learn of every token issued here (docker-compose.yml sets it)
+        # where the demo webhook (its sessions learn of every token issued here) and Envoy's
+        # admin (the filter's counters for the page) are; docker-compose.yml sets both
         self.webhook_url = (webhook_url or os.environ.get("REVENPROX_DEMO_WEBHOOK_URL")
                             or f"http://127.0.0.1:{port_of('WEBHOOK_PORT')}")
+        self.admin_url = (admin_url or os.environ.get("REVENPROX_DEMO_ADMIN_URL")
+                          or f"http://127.0.0.1:{port_of('ADMIN_PORT')}")
+        self.admin_port = port_of("ADMIN_PORT")  # published on the browser's host (the page links it)
         self.httpd = _AppServer((host, port), _AppHandler)
         self.httpd.app = self
 
@@ -406,7 +424,9 @@ class Demo:
                    {"REVENPROX_DEMO_SECRET": self.secret})
         self.spawn("sse_upstream", [py, str(Path(__file__).resolve()), "--serve-app", "--port", str(self.upstream_port)],
                    {"REVENPROX_DEMO_SECRET": self.secret,
-                    "REVENPROX_DEMO_WEBHOOK_URL": f"http://127.0.0.1:{self.webhook_port}"})
+                    "REVENPROX_DEMO_WEBHOOK_URL": f"http://127.0.0.1:{self.webhook_port}",
+                    "REVENPROX_DEMO_ADMIN_URL": f"http://127.0.0.1:{self.admin_port}",
+                    "REVENPROX_DEMO_ADMIN_PORT": str(self.admin_port)})
         self.wait_port(self.webhook_port)
         self.wait_port(self.upstream_port)
         yaml_path = self.render()

@@ -185,7 +185,7 @@ def test_demo_webhook_sessions_carry_the_latest_expiry(demo_webhook):
 
 def test_demo_token_endpoint_feeds_the_sessions(demo_webhook):
     app = demo_run.DemoApp("127.0.0.1", 0, SECRET, settings=demo_run.demo_settings({}),
-                           webhook_url=f"http://127.0.0.1:{demo_webhook.port}")
+                           webhook_url=f"http://127.0.0.1:{demo_webhook.port}", admin_url="http://127.0.0.1:9")
     threading.Thread(target=app.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     base = f"http://127.0.0.1:{app.port}/demo/token"
     try:
@@ -207,6 +207,10 @@ def test_demo_token_endpoint_feeds_the_sessions(demo_webhook):
         for bad in ({"user": "mallory"}, {"user": "alice", "ttl_sec": 0}, {"user": "alice", "ttl_sec": "x"},
                     {"user": "alice", "sid": "has space"}):
             assert post(base, bad)[0] == 400, bad
+        # the page's counters: Envoy's admin is not there, and the page is told so
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{app.port}/demo/metrics", timeout=5)
+        assert e.value.code == 502
     finally:
         app.httpd.shutdown()
         app.httpd.server_close()
