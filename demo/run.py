@@ -9,6 +9,8 @@ Ports (override with environment variables):
     REVENPROX_DEMO_WEBHOOK_PORT=9001  REVENPROX_DEMO_UPSTREAM_PORT=9002
 Other environment: REVENPROX_DEMO_SECRET (HS256 secret; random by default),
     REVENPROX_WASM, REVENPROX_ENVOY (paths), REVENPROX_DEMO_DIR (work dir, default .build/demo).
+    The demo app alone (--serve-app) also reads REVENPROX_DEMO_WEBHOOK_URL and
+    REVENPROX_DEMO_ADMIN_URL (default: 127.0.0.1 and the ports above); docker-compose.yml sets them.
 Session timing (browser page; e2e/test_browser.py makes them short):
     REVENPROX_DEMO_HEARTBEAT_SEC=5   REVENPROX_DEMO_CHALLENGE_SEC=10   (plugin sse.* settings)
     REVENPROX_DEMO_TOKEN_TTL_SEC=30  lifetime of the tokens the page gets from POST /demo/token
