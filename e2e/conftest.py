@@ -17,6 +17,37 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(str(e))
 
 
+_leak_report = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The token-leak scan, once after every test of the run: no credential the tests created
+    (helpers.SENT_TOKENS) in the log or access log of any Envoy the run started
+    (helpers.ALL_ENVOYS; those started with leak_check=False log tokens on purpose). A leak fails
+    the run, whatever the tests said."""
+    for env in helpers.ALL_ENVOYS:
+        env.stop()  # normally stopped already by its fixture; exiting flushes its access log
+    checked = [e for e in helpers.ALL_ENVOYS if e.leak_check]
+    leaks = helpers.credential_leaks(checked, helpers.SENT_TOKENS)
+    if leaks:
+        _leak_report.append(f"{len(leaks)} credential(s) in Envoy logs (the filter or the template logs tokens):")
+        _leak_report.extend(f"  {path}: {helpers.describe_credential(c)}" for path, c in leaks)
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        _leak_report.append(f"token-leak scan: {len(set(helpers.SENT_TOKENS))} credentials, logs and access logs "
+                            f"of {len(checked)} Envoys: none found")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if len(_leak_report) > 1:
+        terminalreporter.write_sep("=", "credential leak", red=True, bold=True)
+        for line in _leak_report:
+            terminalreporter.write_line(line, red=True)
+    elif _leak_report:
+        terminalreporter.write_line(_leak_report[0])
+
+
 @pytest.fixture(scope="session")
 def webhook():
     srv = WebhookServer().start()

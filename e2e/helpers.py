@@ -580,8 +580,13 @@ class Envoy:
     def log_tail(self, n=60):
         return "\n".join(self.envoy_log().splitlines()[-n:])
 
+    # Envoy writes a request's access-log line when the request ends and flushes the file every
+    # 100 ms (--file-flush-interval-msec); its own log lines may come just after the answer. So
+    # every read of a log waits for the line it expects, with a deadline; a check that something
+    # is NOT logged first waits for a line that proves the log got that far.
     def wait_log(self, needle, timeout=5.0, access=False):
-        """Wait until `needle` (str or compiled regex) shows up in the Envoy (or access) log."""
+        """Wait until `needle` (str or compiled regex) shows up in the Envoy (or access) log.
+        Returns the log's text, or None after `timeout` s."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.access_log() if access else self.envoy_log()
@@ -589,6 +594,36 @@ class Envoy:
                 return text
             if time.monotonic() > deadline:
                 return None
+            time.sleep(0.05)
+
+    def log_count(self, needle, access=False):
+        """How often `needle` (str or compiled regex) occurs in the Envoy (or access) log now."""
+        text = self.access_log() if access else self.envoy_log()
+        return len(needle.findall(text)) if hasattr(needle, "findall") else text.count(needle)
+
+    def wait_log_count(self, needle, n, timeout=5.0, access=False):
+        """Wait until `needle` occurs at least `n` times in the Envoy (or access) log; returns the
+        count then (at the deadline, whatever it is)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            count = self.log_count(needle, access)
+            if count >= n or time.monotonic() > deadline:
+                return count
+            time.sleep(0.05)
+
+    def access_lines(self, match, timeout=5.0, more_than=0):
+        """The access-log lines that contain `match` (a str) or satisfy `match(line)`, once there
+        are more than `more_than` of them. Fails the test after `timeout` s, with the log's tail."""
+        pred = match if callable(match) else (lambda ln: match in ln)
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [ln for ln in self.access_log().splitlines() if pred(ln)]
+            if len(lines) > more_than:
+                return lines
+            if time.monotonic() > deadline:
+                tail = "\n".join(self.access_log().splitlines()[-10:])
+                raise AssertionError(f"{self.name}: after {timeout}s, {len(lines)} access-log line(s) match "
+                                     f"{match!r} (waited for more than {more_than}); last lines:\n{tail}")
             time.sleep(0.05)
 
     # -- client ----------------------------------------------------------------------------------
@@ -608,6 +643,29 @@ class Envoy:
 
     def __repr__(self):
         return f"<Envoy {self.name} :{self.port} admin :{self.admin_port} dir {self.dir}>"
+
+
+def credential_leaks(envoys, credentials):
+    """[(log file, credential)] for every credential found in the log or access log of an Envoy in
+    `envoys` that has `leak_check` on. Stop the Envoys first: Envoy flushes its access log on exit."""
+    found = []
+    for env in envoys:
+        if not env.leak_check:
+            continue
+        for path in (env.log_path, env.access_log_path):
+            try:
+                text = path.read_text(errors="replace")
+            except FileNotFoundError:
+                continue
+            found += [(path, c) for c in dict.fromkeys(credentials) if c in text]
+    return found
+
+
+def describe_credential(c):
+    """A credential as a leak report names it: its first characters (and a JWT's `sub`, which
+    says which test made it), never the whole secret."""
+    sub = sub_of(c) if c.count(".") == 2 else None
+    return f"{c[:12]}…" + (f" (sub {sub})" if sub else "")
 
 
 def stop_process(proc, timeout=10.0):

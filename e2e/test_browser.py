@@ -10,7 +10,8 @@ heartbeat after 1 s of silence). In five isolated browser contexts at once, the 
 picks a mode and clicks Connect:
   fetch + Authorization header / EventSource + ?token= / EventSource + cookie
 each answering challenges (the stream outlives the first token, on the same connection), and
-fetch and EventSource (query) with "don't answer challenges" (event: expired ends it).
+fetch and EventSource (query) with "don't answer challenges" (event: expired ends it). No page
+shows an error in its console; the page links the filter's metrics and shows its counters.
 Screenshots go to e2e/artifacts/run-*/browser/.
 """
 import os
@@ -100,6 +101,8 @@ def _prepare(browser, url, *, mode, answer, user="alice", topic="news", quiet=Fa
     page = ctx.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # nothing in the console either (a missing favicon was a 404 there)
+    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.goto(url + "/", wait_until="domcontentloaded")
     page.wait_for_function("() => window.revenproxDemo && window.revenproxDemo.settings", timeout=5000)
     page.select_option("#user", user)
@@ -182,6 +185,19 @@ def test_browser_demo_three_modes(demo, browser):
                 assert st["expiresAt"] == st["firstExpiresAt"], what
             if s["mode"] == "fetch" and s["answer"]:
                 assert c["heartbeats"] >= 1, f"fetch mode sees ': heartbeat' comments: {what}"
+
+        # The page links the filter's metrics at Envoy's admin and shows its counters.
+        page = sessions[0]["page"]
+        href = page.get_attribute("#metrics-link", "href")
+        assert href == demo["admin"] + "/stats/prometheus?filter=wasmcustom.revenprox_", href
+        with urllib.request.urlopen(href, timeout=5) as r:
+            linked = Stats(r.read().decode())
+        assert linked.get("revenprox_reauthorizations") >= 2 * len(MODES) and not linked.has("envoy_http_downstream_rq_total")
+        page.wait_for_function(f"() => (window.revenproxDemo.metrics || {{}}).revenprox_reauthorizations >= {2 * len(MODES)}",
+                               timeout=5000)
+        shown = page.inner_text("#metrics")
+        assert re.search(r"revenprox_challenges_sent\s+\d+", shown), shown
+        assert not [e for s in sessions for e in s["errors"]], [e for s in sessions for e in s["errors"]]
 
         # The page is not fooling itself: Envoy's own counters saw the same.
         with urllib.request.urlopen(demo["admin"] + "/stats/prometheus", timeout=5) as r:

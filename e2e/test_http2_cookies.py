@@ -37,8 +37,9 @@ def upstream_cookies(upstream, m):
 
 
 def assert_not_logged(env, m, tok):
-    """As `test_zz_tokens_never_logged` does for every token: the cookie's token appears in
-    neither Envoy's log nor its access log (waiting for the request's access-log line first)."""
+    """As the run's token-leak scan (e2e/conftest.py) does for every token at the end: the cookie's
+    token appears in neither Envoy's log nor its access log (waiting for the request's access-log
+    line first)."""
     line = env.wait_log(m, timeout=5.0, access=True)
     assert line is not None, f"the request ({m}) never reached the access log"
     text = env.access_log() + "\n" + env.envoy_log()

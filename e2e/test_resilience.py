@@ -102,7 +102,7 @@ def test_circuit_probe_failure_reopens_and_logs_once(envoys, webhook):
     assert counter(s1, "revenprox_circuit_opened") - counter(s0, "revenprox_circuit_opened") == 2
     assert counter(s1, "revenprox_circuit_rejected") - counter(s0, "revenprox_circuit_rejected") >= 2
     # Each opening is logged once for the whole Envoy (not once per worker).
-    assert env.envoy_log().count("circuit opened") == 2
+    assert env.wait_log_count("circuit opened", 2) == 2, env.log_tail()
 
 
 def test_exactly_one_probe_for_the_whole_envoy(envoys, webhook):
@@ -122,7 +122,7 @@ def test_exactly_one_probe_for_the_whole_envoy(envoys, webhook):
     assert statuses.count(200) == 1 and statuses.count(503) == 11, statuses
     # The probe succeeded: the circuit is closed again.
     assert wait_until(lambda: env.stats().get("revenprox_circuit_state") == 0, timeout=3)
-    assert env.envoy_log().count("circuit closed") == 1
+    assert env.wait_log_count("circuit closed", 1) == 1, env.log_tail()
     other = new_token("closed-again")
     assert_allowed(env.get("/events/news", bearer(other)), sub_of(other))
 
@@ -176,9 +176,8 @@ def test_half_open_probe_is_given_back_when_its_client_leaves(envoys, webhook):
     assert len(webhook.calls_for(hang)) == 1  # the abandoned probe was not called again
     # The new probe's answer closed the circuit; the late answer of the abandoned one changes nothing.
     assert wait_until(lambda: env.stats().get("revenprox_circuit_state") == 0, timeout=3)
-    log = env.envoy_log()
-    assert log.count("circuit half-open: probing the webhook") == 2, log.count("probing the webhook")
-    assert log.count("circuit closed") == 1
+    assert env.wait_log_count("circuit closed", 1) == 1, env.log_tail()
+    assert env.wait_log_count("circuit half-open: probing the webhook", 2) == 2, env.log_tail()
     after = new_token("abandon-after")
     assert_allowed(env.get("/events/news", bearer(after)), sub_of(after))
 
@@ -198,7 +197,7 @@ def test_rate_limit_caps_webhook_calls_across_workers(envoys, webhook):
     assert calls <= 5 + int(5 * elapsed) + 1, f"{calls} webhook calls in {elapsed:.2f}s at 5/s"
     assert allowed == calls and len(limited) == 30 - calls
     assert_error(limited[0], 429, "rate_limited")
-    assert "rate limiting started" in env.envoy_log()
+    assert env.wait_log("rate limiting started") is not None, env.log_tail()
 
 
 def test_thundering_herd_one_call_per_worker(envoys, webhook):

@@ -19,7 +19,7 @@ e2e: deploy-deps
 
 deploy-deps: envoy
 	@$(VENV)/bin/python -c 'import playwright, yaml, check_jsonschema' 2>/dev/null || { set -x; \
-		$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		$(VENV)/bin/python -m pip install --disable-pip-version-check --progress-bar on \
 			'playwright==$(PLAYWRIGHT_VERSION)' 'PyYAML==$(PYYAML_VERSION)' \
 			'check-jsonschema==$(CHECK_JSONSCHEMA_VERSION)'; }
 	@if ! cmp -s deploy/validate/package-lock.json $(DEPLOY_NODE_DIR)/package-lock.json \

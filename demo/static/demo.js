@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const demo = window.revenproxDemo = {
-  settings: null, user: null, token: null, sub: null, state: 'idle', mode: null,
+  settings: null, user: null, token: null, sid: null, sub: null, state: 'idle', mode: null, metrics: null,
   counts: { events: 0, heartbeats: 0, challenges: 0, answered: 0, refusedAnswers: 0, expired: 0, tokens: 0 },
   firstExpiresAt: null, expiresAt: null, openedAt: null, lastEventAt: null, log: [],
 };
@@ -63,10 +63,14 @@ function render() {
 }
 setInterval(render, 250);
 
-async function mintToken() {
+// A login starts a session (sid): every token minted for it later carries the same sid, so the
+// demo webhook treats them as one session (e2e/servers/webhook.py: DemoSessions).
+async function mintToken(newSession) {
+  const user = $('user').value;
+  if (newSession || !demo.sid || demo.user !== user) demo.sid = `page-${Math.random().toString(36).slice(2, 12)}`;
   const res = await fetch('/demo/token', {
     method: 'POST', headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ user: $('user').value }), cache: 'no-store',
+    body: JSON.stringify({ user, sid: demo.sid }), cache: 'no-store',
   });
   if (!res.ok) throw new Error(`POST /demo/token -> ${res.status}`);
   const body = await res.json();
@@ -75,7 +79,7 @@ async function mintToken() {
 }
 
 async function login() {
-  const t = await mintToken();
+  const t = await mintToken(true);
   demo.user = t.user;
   demo.token = t.token;
   $('who').textContent = `logged in as ${t.user}: token valid until ${clock(t.expires_at)} (${t.ttl_sec} s)`;
@@ -155,6 +159,31 @@ function connect() {
   render();
 }
 
+// The filter's counters (GET /demo/metrics: the demo app reads them from Envoy's admin).
+const SHOWN = ['requests', 'allowed', 'denied_invalid_token', 'denied_missing_token', 'webhook_calls', 'cache_hits',
+  'open_streams', 'heartbeats_sent', 'challenges_sent', 'reauthorizations', 'streams_expired'];
+async function pollMetrics() {
+  try {
+    const res = await fetch('/demo/metrics', { cache: 'no-store' });
+    if (!res.ok) throw new Error(`GET /demo/metrics -> ${res.status}`);
+    const m = demo.metrics = await res.json();
+    $('metrics-body').innerHTML = '';
+    for (const k of SHOWN) {
+      const tr = document.createElement('tr');
+      tr.innerHTML = '<td></td><td class="n"></td>';
+      tr.children[0].textContent = `revenprox_${k}`;
+      tr.children[1].textContent = m[`revenprox_${k}`] ?? '—';
+      $('metrics-body').appendChild(tr);
+    }
+  } catch (e) {
+    $('metrics-body').innerHTML = '';
+    const tr = document.createElement('tr');
+    tr.innerHTML = '<td></td>';
+    tr.children[0].textContent = `counters unavailable: ${e.message}`;
+    $('metrics-body').appendChild(tr);
+  }
+}
+
 function disconnect() {
   if (demo.sub) demo.sub.close();
   demo.sub = null;
@@ -181,9 +210,14 @@ async function init() {
     $('settings').innerHTML = `Demo settings: heartbeat after <b>${s.heartbeat_interval_sec} s</b> of silence, ` +
       `challenge <b>${s.challenge_before_expiry_sec} s</b> before expiry, page tokens live <b>${s.token_ttl_sec} s</b>. ` +
       'Client helper: <a href="revenprox-client.js">revenprox-client.js</a>.';
+    const link = $('metrics-link');
+    link.href = `${location.protocol}//${location.hostname}:${s.admin_port}${s.metrics_path}`;
+    link.textContent = link.href;
   } catch (e) {
     $('settings').textContent = `could not load /demo/settings: ${e}`;
   }
   render();
+  pollMetrics();
+  setInterval(pollMetrics, 2000);
 }
 init();

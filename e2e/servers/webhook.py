@@ -22,10 +22,12 @@ Session tracking (off by default; a test switches it on, conftest switches it of
     session's newest expiry. Per-token programs and a custom `default` still take precedence.
 
 Demo mode (standalone):
-    python3 e2e/servers/webhook.py --demo --port 9001 --secret s3cret [--sessions]
-    verifies HS256 signature + exp (with --sessions: signature + the session's latest expiry),
-    then authorizes the topic for the user (alice -> news, sports; bob -> news) using the
-    contract's topic ids.
+    python3 e2e/servers/webhook.py --demo --port 9001 --secret s3cret
+    verifies the HS256 signature, the topic for the user (alice -> news, sports; bob -> news)
+    using the contract's topic ids, and the token's session (a SessionStore, always on in demo
+    mode). POST /demo/issued {"jwt": ...} is how the demo's token endpoint reports a token it
+    issued (204). Prints one `activity:` line per decision (user, topic, verdict; never a token)
+    for `make demo`'s terminal.
 """
 import argparse
 import inspect
@@ -35,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Optional, Union
@@ -47,6 +50,23 @@ except ImportError:  # run as a script
     from httpbase import QuietServer, serve_until_signalled  # type: ignore
 
 DEMO_TOPICS = {"alice": ["news", "sports"], "bob": ["news"]}
+_DEMO_TOPIC_NAMES = {jwtutil.topic_id(t): t for topics in DEMO_TOPICS.values() for t in topics}
+
+
+def topic_label(topic_id: str) -> str:
+    """A demo topic's name for its id, else the id's first 8 hex digits."""
+    return _DEMO_TOPIC_NAMES.get(topic_id) or (topic_id[:8] + "…" if topic_id else "?")
+
+
+def clock(ts) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def activity_line(text, ts=None) -> str:
+    """A line of the demo's live activity: `activity: HH:MM:SS.mmm text` (demo/run.py shows them)."""
+    ts = time.time() if ts is None else ts
+    return f"activity: {clock(ts)}.{int(ts * 1000) % 1000:03d} {text}"
+
 
 _UNSET = object()
 
@@ -133,15 +153,27 @@ class SessionStore:
         with self._lock:
             return self._latest.get(key)
 
+    def record(self, claims: dict, now=None):
+        """A token of this session, good until its `exp` (when that is still ahead): the session
+        lasts at least as long."""
+        exp, now = claims.get("exp"), time.time() if now is None else now
+        if isinstance(exp, (int, float)) and exp > now:
+            key = self.key_of(claims)
+            with self._lock:
+                self._latest[key] = max(self._latest.get(key, 0), int(exp))
+
+    def expiry(self, claims: dict):
+        """The session's latest expiry (Unix seconds), or None when it never had a valid token."""
+        with self._lock:
+            return self._latest.get(self.key_of(claims))
+
     def verdict(self, token: str) -> dict:
         claims = jwtutil.verify_hs256(token, self.secret, check_exp=False)
         if not claims or not isinstance(claims.get("sub"), str):
             return dict(self.REFUSED)
-        key, exp, now = self.key_of(claims), claims.get("exp"), time.time()
-        with self._lock:
-            if isinstance(exp, (int, float)) and exp > now:  # a valid token: its expiry counts
-                self._latest[key] = max(self._latest.get(key, 0), int(exp))
-            latest = self._latest.get(key)
+        now = time.time()
+        self.record(claims, now)
+        latest = self.expiry(claims)
         if latest is None or latest <= now:
             return dict(self.REFUSED)
         return {"valid": True, "user_id": claims["sub"], "expires_at": latest}
@@ -176,6 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self):
         body = self._read_body()
         owner: WebhookServer = self.server.owner
+        if owner.demo_secret is not None and urllib.parse.urlsplit(self.path).path == "/demo/issued":
+            return self._issued(owner, body)
         try:
             parsed = json.loads(body) if body else None
         except Exception:
@@ -213,6 +247,19 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def _issued(self, owner, body):
+        """POST /demo/issued {"jwt": ...}: the demo's token endpoint issued this token (demo mode)."""
+        try:
+            token = json.loads(body).get("jwt")
+        except (ValueError, AttributeError):
+            token = None
+        claims = jwtutil.verify_hs256(token, owner.demo_secret) if isinstance(token, str) else None
+        if claims:
+            owner.demo_sessions.record(claims)
+        self.send_response(204 if claims else 400)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
     do_POST = _handle
     do_GET = _handle
     do_PUT = _handle
@@ -222,12 +269,16 @@ _Server = QuietServer
 
 
 class WebhookServer:
-    def __init__(self, host="127.0.0.1", port=0, demo_secret=None, topics=None, verbose=False, sessions=None):
+    def __init__(self, host="127.0.0.1", port=0, demo_secret=None, topics=None, verbose=False, sessions=None,
+                 activity=None):
         self.host = host
         self.requested_port = port
         self.demo_secret = demo_secret  # not None -> demo mode
         self.topics = topics if topics is not None else DEMO_TOPICS
         self.verbose = verbose
+        # demo mode: the sessions of the demo's logins (always tracked there)
+        self.demo_sessions = SessionStore(demo_secret) if demo_secret is not None else None
+        self.activity = activity or (lambda text: None)  # demo mode: one line per decision
         self.default = Behaviour()
         self.sessions = sessions  # a SessionStore: session-tracking mode; None: off
         self._lock = threading.Lock()
@@ -309,17 +360,28 @@ class WebhookServer:
         return {"valid": True, "user_id": user, "expires_at": int(time.time()) + 600}
 
     def demo_verdict(self, token: str, topic: str) -> dict:
+        """HS256 signature, then the user's topics, then the token's session (demo_sessions)."""
         refused = {"valid": False, "user_id": None, "expires_at": None}
-        if self.sessions is not None:
-            verdict = self.sessions.verdict(token)
-        else:
-            claims = jwtutil.verify_hs256(token, self.demo_secret)
-            ok = claims and isinstance(claims.get("sub"), str)
-            verdict = {"valid": True, "user_id": claims["sub"], "expires_at": int(claims["exp"])} if ok else refused
-        if not verdict["valid"]:
+        now = time.time()
+        claims = jwtutil.verify_hs256(token, self.demo_secret, now=now, check_exp=False)
+        if not claims or not isinstance(claims.get("sub"), str):
+            self.activity(f"webhook  ? on {topic_label(topic)}: refused (not signed with the demo secret)")
             return refused
-        allowed = {jwtutil.topic_id(name) for name in self.topics.get(verdict["user_id"], [])}
-        return verdict if topic in allowed else refused
+        user = claims["sub"]
+        allowed = {jwtutil.topic_id(name) for name in self.topics.get(user, [])}
+        if topic not in allowed:
+            self.activity(f"webhook  {user} on {topic_label(topic)}: refused ({user} may not read it)")
+            return refused
+        self.demo_sessions.record(claims, now)
+        session_exp = self.demo_sessions.expiry(claims)
+        if session_exp is None or session_exp <= now:
+            self.activity(f"webhook  {user} on {topic_label(topic)}: refused (token and session expired)")
+            return refused
+        exp = claims.get("exp")
+        own = clock(exp) if isinstance(exp, (int, float)) else "missing"
+        note = "" if exp == session_exp else f" (its session's; the token's own exp is {own})"
+        self.activity(f"webhook  {user} on {topic_label(topic)}: valid until {clock(session_exp)}{note}")
+        return {"valid": True, "user_id": user, "expires_at": session_exp}
 
 
 def main(argv=None):
@@ -336,9 +398,9 @@ def main(argv=None):
         ap.error("--demo needs --secret or REVENPROX_DEMO_SECRET")
     if args.sessions and not (args.demo or args.secret):
         ap.error("--sessions verifies signatures: it needs --secret or REVENPROX_DEMO_SECRET")
-    sessions = SessionStore(args.secret) if args.sessions else None
+    sessions = SessionStore(args.secret) if args.sessions and not args.demo else None
     srv = WebhookServer(args.host, args.port, demo_secret=args.secret if args.demo else None, verbose=args.verbose,
-                        sessions=sessions)
+                        sessions=sessions, activity=lambda text: print(activity_line(text), flush=True))
     srv.start()
     mode = "demo (HS256, topics: %s)" % json.dumps(DEMO_TOPICS) if args.demo else \
         "test (HS256, any topic)" if sessions is not None else "test (accept all)"
