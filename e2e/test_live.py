@@ -1,0 +1,220 @@
+"""Live streams follow the webhook (issue 13) against a real Envoy (--concurrency 2):
+re-verification of open streams every `sse.reverify_interval_sec` (revocation, fail-static on
+webhook failure, coalesced calls).
+
+Timing (contract, "SSE session"): a stream verified at t is verified again in
+[t + 0.9 * interval, t + interval] (+ the timer's granularity); with an interval of 2 s that is
+1.8-2.0 s after the stream opened or after the last answer. The server-side refresh runs half the
+challenge window before the expiry (here challenge_before_expiry_sec 2 -> 1 s before): the tests
+that count webhook calls give their tokens an expiry far outside the counting window, or count it.
+"""
+import concurrent.futures
+import json
+import re
+import time
+import uuid
+
+import pytest
+
+from helpers import Stream, new_token, wait_until
+from servers.jwtutil import topic_id
+from servers.webhook import Behaviour, invalid, valid
+from test_core import _worker_cx, assert_error, bearer
+from test_sse import event_named, events_of
+
+INTERVAL = 2
+LIVE_CFG = {"sse": {"reverify_interval_sec": INTERVAL, "heartbeat_interval_sec": 1,
+                    "challenge_before_expiry_sec": 2}}
+
+
+@pytest.fixture(scope="module")
+def lenv(envoys):
+    return envoys.get(LIVE_CFG, name="live")
+
+
+def uid(tag):
+    return f"{tag}-{uuid.uuid4().hex[:10]}"
+
+
+def metric(env, name):
+    return env.stats().get(name)
+
+
+def wait_metric(env, name, want, timeout=3.0):
+    """Waits (bounded) until metric `name` is `want`; returns its last value."""
+    wait_until(lambda: metric(env, name) == want, timeout=timeout, interval=0.05)
+    return metric(env, name)
+
+
+def open_stream(env, tok, topic="news", mode="silent", **hdrs):
+    headers = {**bearer(tok), "x-upstream-mode": mode, **{k.replace("_", "-"): str(v) for k, v in hdrs.items()}}
+    s = Stream(env.port, f"/events/{topic}", headers, timeout=10)
+    assert s.status == 200, (s.status, s.read_for(0.5))
+    return s
+
+
+def open_tracked(env, tok, topic="news", mode="silent"):
+    """A stream on a fresh connection, and the worker that accepted that connection (from the
+    listener's per-worker connection counters; nothing else connects while a test runs)."""
+    before = _worker_cx(env)
+    s = Stream(env.port, f"/events/{topic}", {**bearer(tok), "x-upstream-mode": mode}, timeout=10)
+    after = _worker_cx(env)
+    grown = [w for w in after if after[w] > before.get(w, 0)]
+    assert len(grown) == 1, f"could not tell the worker: {before} -> {after}"
+    return s, grown[0]
+
+
+def arrival(s, needle):
+    """Monotonic time of the chunk that completed the first `needle` in the stream's text."""
+    acc = b""
+    for t, c in s.chunks:
+        acc += c
+        if needle.encode() in acc:
+            return t
+    raise AssertionError(f"{needle!r} never arrived: {s.text[-300:]!r}")
+
+
+def expired_reason(text):
+    blocks = event_named(text, "expired")
+    assert len(blocks) == 1, f"expected one `event: expired`, got {len(blocks)}: {text[-400:]!r}"
+    data = [ln[5:].lstrip() for ln in blocks[0].splitlines() if ln.startswith("data:")]
+    return json.loads("\n".join(data))
+
+
+def ticks_intact(text):
+    """Every upstream tick event arrived whole (injections only between events)."""
+    return all(re.fullmatch(r"id: [\d.]+\ndata: tick \d+", b) for b in events_of(text) if "tick" in b)
+
+
+def on_both_workers(env, request, least=6, most=24):
+    """Calls `request()` (one request on a fresh connection) until it ran at least `least` times
+    and both workers took some (at most `most` times); returns the results."""
+    before, out = _worker_cx(env), []
+    while len(out) < most:
+        out.append(request())
+        after = _worker_cx(env)
+        if len(out) >= least and sum(after[w] > before.get(w, 0) for w in after) >= 2:
+            return out
+    raise AssertionError(f"{most} connections, all on one worker: {before} -> {_worker_cx(env)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# re-verification
+# ----------------------------------------------------------------------------------------------
+def test_revocation_reaches_the_stream_within_the_interval(lenv, webhook):
+    tok, user = new_token("revoke"), uid("revoke")
+    webhook.program(tok, valid(user))
+    revoked0 = metric(lenv, "revenprox_streams_revoked")
+    with open_stream(lenv, tok, mode="stream", x_upstream_interval=0.3) as s:
+        # (a Stream's socket cannot be read again after a timeout: every read but the last ends on data)
+        assert s.read_until(lambda t: "data: tick 2" in t, timeout=3), s.text
+        webhook.program(tok, invalid())
+        t_switch = time.monotonic()
+        s.read_until(lambda t: event_named(t, "expired"), timeout=INTERVAL + 2)
+        assert event_named(s.text, "expired"), f"no `event: expired` {time.monotonic() - t_switch:.1f}s " \
+                                               f"after the webhook started refusing: {s.text[-300:]!r}"
+        seen = arrival(s, "event: expired") - t_switch
+        assert seen <= INTERVAL + 1, f"revocation seen {seen:.2f}s after the switch (interval {INTERVAL}s)"
+        assert expired_reason(s.text) == {"reason": "revoked"}
+        s.read_until(None, timeout=2)
+        assert s.ended, "the stream must end after `event: expired`"
+        assert ticks_intact(s.text), f"an injection split an upstream event: {s.text!r}"
+        assert "tick" not in s.text.split("event: expired", 1)[1], "upstream bytes after `event: expired`"
+    assert wait_metric(lenv, "revenprox_streams_revoked", revoked0 + 1) == revoked0 + 1
+    # The refused credential is never served from the cache again, on either worker.
+    calls0 = len(webhook.calls_for(tok))
+    answers = on_both_workers(lenv, lambda: lenv.get("/events/news", bearer(tok)))
+    for r in answers:
+        assert_error(r, 401, "invalid_token")
+    assert len(webhook.calls_for(tok)) == calls0 + len(answers), "a revoked credential was answered without the webhook"
+
+
+def test_valid_stream_is_reverified_once_per_interval(lenv, webhook):
+    """1 + 3 calls in 6.8 s, 1.7-2.25 s apart; the reverification's expires_at applies (the opening
+    verdict's 6 s expiry would have brought a challenge at ~3-4 s and a server-side refresh)."""
+    tok, user = new_token("periodic"), uid("periodic")
+    webhook.program(tok, valid(user, expires_at=int(time.time()) + 6), valid(user, ttl=600))
+    rev0 = metric(lenv, "revenprox_reverifications")
+    with open_stream(lenv, tok) as s:
+        s.read_for(6.8)
+        assert not s.ended, (s.end_reason, s.text[-300:])
+    time.sleep(0.3)  # a call in flight at the close would still be recorded
+    calls = webhook.calls_for(tok)
+    times = [c.time for c in calls]
+    gaps = [round(b - a, 3) for a, b in zip(times, times[1:])]
+    assert len(calls) == 4, f"expected 1 + 3 calls in 6.8 s (interval {INTERVAL}s), got {len(calls)}; gaps {gaps}"
+    assert all(1.7 <= g <= 2.25 for g in gaps), f"re-verifications not once per {INTERVAL}s interval: gaps {gaps}"
+    assert all(c.jwt == tok and c.topic == topic_id("news") for c in calls)
+    assert not event_named(s.text, "expired"), s.text[-300:]
+    assert not event_named(s.text, "challenge"), \
+        "challenge for the opening verdict's expiry: the re-verification's expires_at did not apply"
+    assert s.text.count(": heartbeat") >= 5, s.text[-300:]
+    assert wait_metric(lenv, "revenprox_reverifications", rev0 + 3) == rev0 + 3
+
+
+def test_reverification_with_an_earlier_expiry_shortens_the_stream(lenv, webhook):
+    tok, user = new_token("shorten"), uid("shorten")
+    webhook.program(tok, valid(user, ttl=600), valid(user, expires_at=int(time.time()) + 4))
+    with open_stream(lenv, tok) as s:
+        s.read_until(None, timeout=8)
+    assert event_named(s.text, "expired"), f"the re-verification's expiry did not apply: {s.text[-300:]!r}"
+    assert expired_reason(s.text) == {"reason": "token_expired"}
+    assert s.ended
+
+
+def test_streams_of_one_worker_share_a_reverification(lenv, webhook):
+    tok, user = new_token("share"), uid("share")
+    webhook.program(tok, valid(user))
+    first, w1 = open_tracked(lenv, tok)
+    streams, second = [first], None
+    try:
+        assert first.status == 200
+        # A second stream of the same token on the same worker (others are closed at once, long
+        # before their first re-verification at 1.8 s).
+        for _ in range(16):
+            s, w = open_tracked(lenv, tok)
+            assert s.status == 200
+            if w == w1:
+                second = s
+                break
+            s.close()
+        assert second is not None, "16 connections never landed on the first stream's worker"
+        streams.append(second)
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            list(ex.map(lambda st: st.read_for(6.8 - (time.monotonic() - first.t0)), streams))
+        for s in streams:
+            assert not s.ended and not event_named(s.text, "expired"), s.text[-300:]
+    finally:
+        for s in streams:
+            s.close()
+    time.sleep(0.3)
+    reverifications = webhook.calls_for(tok)[1:]  # the first call opened the first stream
+    assert len(reverifications) == 3, (
+        f"two streams with one credential on one worker: expected one call per interval (3), got "
+        f"{len(reverifications)} at {[round(c.time - reverifications[0].time, 2) for c in reverifications]}")
+
+
+def test_webhook_failure_keeps_the_stream_until_its_expiry(lenv, webhook):
+    tok, user = new_token("failstatic"), uid("failstatic")
+    exp = int(time.time()) + 8
+    webhook.program(tok, valid(user, expires_at=exp), Behaviour(status=503))
+    failures0 = metric(lenv, "revenprox_reverify_failures")
+    with open_stream(lenv, tok) as s:
+        s.read_until(lambda t: event_named(t, "expired"), timeout=12)
+        s.read_until(None, timeout=2)
+    assert event_named(s.text, "expired"), s.text[-300:]
+    assert expired_reason(s.text) == {"reason": "token_expired"}, "a failed re-verification is not a revocation"
+    assert s.ended
+    t_expired = time.time() - (time.monotonic() - arrival(s, "event: expired"))
+    assert exp - 0.3 <= t_expired <= exp + 1.5, f"ended {t_expired - exp:+.2f}s from the token's expiry"
+    before_expiry = s.text.split("event: expired", 1)[0]
+    assert before_expiry.count(": heartbeat") >= 5, "heartbeats stopped while the webhook failed"
+    # A round every ~2.5 s (the interval after the last answer, which comes after 0.6 s of retries),
+    # and the server-side refresh 1 s before the expiry: at least 3 rounds before the end.
+    wait_until(lambda: metric(lenv, "revenprox_reverify_failures") >= failures0 + 3, timeout=3, interval=0.05)
+    failures = metric(lenv, "revenprox_reverify_failures")
+    assert failures - failures0 >= 3, f"reverify_failures +{failures - failures0}"
+    # Each round is 1 + 3 tries (retry_attempts 3, 0.1/0.2/0.3 s apart); the rounds spread over the stream's life.
+    failed = [c.time for c in webhook.calls_for(tok)[1:]]
+    assert len(failed) >= 12 and failed[-1] - failed[0] >= 3.0, \
+        f"the next interval did not try again: failed calls at {[round(t - failed[0], 2) for t in failed]}"
