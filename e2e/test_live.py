@@ -1,6 +1,6 @@
 """Live streams follow the webhook (issue 13) against a real Envoy (--concurrency 2):
-re-verification of open streams every `sse.reverify_interval_sec` (revocation, fail-static on
-webhook failure, coalesced calls).
+re-verification of open streams every `sse.reverify_interval_sec` (revocation, another user,
+fail-static on webhook failure, coalesced calls).
 
 Timing (contract, "SSE session"): a stream verified at t is verified again in
 [t + 0.9 * interval, t + interval] (+ the timer's granularity); with an interval of 2 s that is
@@ -192,6 +192,39 @@ def test_streams_of_one_worker_share_a_reverification(lenv, webhook):
     assert len(reverifications) == 3, (
         f"two streams with one credential on one worker: expected one call per interval (3), got "
         f"{len(reverifications)} at {[round(c.time - reverifications[0].time, 2) for c in reverifications]}")
+
+
+def test_another_user_id_revokes(lenv, webhook):
+    tok, owner = new_token("other-user"), uid("owner")
+    # open: the owner; re-verification: someone else; afterwards the webhook refuses the token.
+    webhook.program(tok, valid(owner), valid(uid("someone-else")), invalid())
+    revoked0 = metric(lenv, "revenprox_streams_revoked")
+    # Both workers know the owner's verdict (one webhook call, then cache hits).
+    for r in on_both_workers(lenv, lambda: lenv.get("/events/news", bearer(tok)), least=4):
+        assert r.status == 200 and r.first_event_json()["headers"].get("x-revenprox-user") == owner, r
+    assert len(webhook.calls_for(tok)) == 1
+    with open_stream(lenv, tok, mode="stream", x_upstream_interval=0.3) as s:
+        t0 = time.monotonic()
+        s.read_until(lambda t: event_named(t, "expired"), timeout=INTERVAL + 2)
+        assert event_named(s.text, "expired"), f"another user_id did not end the stream: {s.text[-300:]!r}"
+        assert arrival(s, "event: expired") - t0 <= INTERVAL + 1
+        assert expired_reason(s.text) == {"reason": "revoked"}
+        s.read_until(None, timeout=2)
+        assert s.ended
+        assert ticks_intact(s.text), s.text
+    assert wait_metric(lenv, "revenprox_streams_revoked", revoked0 + 1) == revoked0 + 1
+    assert len(webhook.calls_for(tok)) == 2
+    # The credential is not served from the cache (as the other user) again: every request asks the
+    # webhook, which now refuses it.
+    statuses = on_both_workers(lenv, lambda: lenv.get("/events/news", bearer(tok)))
+    served = [r.first_event_json()["headers"].get("x-revenprox-user") for r in statuses if r.status == 200]
+    served = [("owner" if u == owner else "other user" if u.startswith("someone-else") else u) for u in served]
+    assert not served, (f"after the revocation the credential was served from the cache: {len(served)} of "
+                        f"{len(statuses)} requests "
+                        f"allowed, as {served}, with {len(webhook.calls_for(tok)) - 2} webhook calls")
+    for r in statuses:
+        assert_error(r, 401, "invalid_token")
+    assert len(webhook.calls_for(tok)) == 2 + len(statuses)
 
 
 def test_webhook_failure_keeps_the_stream_until_its_expiry(lenv, webhook):
