@@ -1,6 +1,7 @@
 """Live streams follow the webhook (issue 13) against a real Envoy (--concurrency 2):
 re-verification of open streams every `sse.reverify_interval_sec` (revocation, another user,
-fail-static on webhook failure, coalesced calls).
+fail-static on webhook failure, coalesced calls) and the per-user stream limit
+`sse.max_streams_per_user` across both workers.
 
 Timing (contract, "SSE session"): a stream verified at t is verified again in
 [t + 0.9 * interval, t + interval] (+ the timer's granularity); with an interval of 2 s that is
@@ -16,7 +17,7 @@ import uuid
 
 import pytest
 
-from helpers import Stream, new_token, wait_until
+from helpers import Stream, marker, new_token, wait_until
 from servers.jwtutil import topic_id
 from servers.webhook import Behaviour, invalid, valid
 from test_core import _worker_cx, assert_error, bearer
@@ -25,11 +26,18 @@ from test_sse import event_named, events_of
 INTERVAL = 2
 LIVE_CFG = {"sse": {"reverify_interval_sec": INTERVAL, "heartbeat_interval_sec": 1,
                     "challenge_before_expiry_sec": 2}}
+LIMIT_CFG = {"sse": {"max_streams_per_user": 2, "heartbeat_interval_sec": 1}}
+RESPONSE = "application/x-challenge-response"
 
 
 @pytest.fixture(scope="module")
 def lenv(envoys):
     return envoys.get(LIVE_CFG, name="live")
+
+
+@pytest.fixture(scope="module")
+def limenv(envoys):
+    return envoys.get(LIMIT_CFG, name="limit")
 
 
 def uid(tag):
@@ -96,6 +104,12 @@ def on_both_workers(env, request, least=6, most=24):
         if len(out) >= least and sum(after[w] > before.get(w, 0) for w in after) >= 2:
             return out
     raise AssertionError(f"{most} connections, all on one worker: {before} -> {_worker_cx(env)}")
+
+
+def wait_not_forwarded(upstream, needle, settle=0.3):
+    time.sleep(settle)
+    got = upstream.requests_containing(needle)
+    assert got == [], f"request reached the upstream: {[(r.method, r.path) for r in got]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,3 +265,104 @@ def test_webhook_failure_keeps_the_stream_until_its_expiry(lenv, webhook):
     failed = [c.time for c in webhook.calls_for(tok)[1:]]
     assert len(failed) >= 12 and failed[-1] - failed[0] >= 3.0, \
         f"the next interval did not try again: failed calls at {[round(t - failed[0], 2) for t in failed]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# max_streams_per_user
+# ----------------------------------------------------------------------------------------------
+def assert_too_many(r):
+    """429 too_many_streams with Retry-After and the JSON error body (test_core.assert_error)."""
+    return assert_error(r, 429, "too_many_streams")
+
+
+def test_stream_limit_per_user(limenv, webhook, upstream):
+    user, other = uid("limited"), uid("unlimited")
+    t1, t2, t3, t4 = (new_token(f"lim{i}") for i in range(4))
+    tv = new_token("lim-other")
+    for t in (t1, t2, t3, t4):
+        webhook.program(t, valid(user))
+    webhook.program(tv, valid(other))
+    denied0 = metric(limenv, "revenprox_denied_too_many_streams")
+    s1 = open_stream(limenv, t1, "news")
+    s2 = open_stream(limenv, t2, "sports")
+    opened = [s1, s2]
+    try:
+        m = marker()
+        r = limenv.get(f"/events/weather?{m}", bearer(t3))
+        assert_too_many(r)
+        assert r.header("retry-after"), r.headers
+        wait_not_forwarded(upstream, m)
+        assert wait_metric(limenv, "revenprox_denied_too_many_streams", denied0 + 1) == denied0 + 1
+        # Another user is not affected.
+        sv = open_stream(limenv, tv, "weather")
+        opened.append(sv)
+        # A challenge response of the limited user is answered (it is not a stream, never counts).
+        for _ in range(3):
+            m = marker()
+            r = limenv.get(f"/events/news?{m}", {**bearer(t4), "content-type": RESPONSE}, method="POST", body=b"")
+            assert r.status == 204, r
+            wait_not_forwarded(upstream, m, settle=0.05)
+        assert_too_many(limenv.get("/events/weather", bearer(t3)))
+        # One of the user's streams ends (the client goes away): a new one is accepted within 1 s.
+        s1.close()
+        t_close = time.monotonic()
+        third = None
+        while third is None and time.monotonic() - t_close < 1.5:
+            s = Stream(limenv.port, f"/events/weather?{marker()}", {**bearer(t3), "x-upstream-mode": "silent"},
+                       timeout=10)
+            if s.status == 200:
+                third = s
+            else:
+                assert s.status == 429, (s.status, s.read_for(0.3))
+                s.close()
+                time.sleep(0.05)
+        took = time.monotonic() - t_close
+        assert third is not None and took <= 1.0, f"a freed slot was not given back within 1 s (took {took:.2f}s)"
+        opened.append(third)
+        assert_too_many(limenv.get("/events/news", bearer(t1)))
+    finally:
+        for s in opened:
+            s.close()
+
+
+def test_stream_limit_counts_both_workers(limenv, webhook, upstream):
+    """max_streams_per_user 2, one stream on each worker: the third is refused on either worker."""
+    user = uid("spread")
+    tokens = [new_token(f"spread{i}") for i in range(12)]
+    for t in tokens:
+        webhook.program(t, valid(user))
+    opened, workers = [], []
+    try:
+        s, w = open_tracked(limenv, tokens[0], "news")
+        assert s.status == 200
+        opened.append(s)
+        workers.append(w)
+        # The second stream on the other worker: a stream on the same one is closed and tried again
+        # (its slot comes back within 1 s).
+        deadline = time.monotonic() + 15
+        while len(opened) < 2 and time.monotonic() < deadline:
+            s, w = open_tracked(limenv, tokens[1], "sports")
+            if s.status == 200 and w != workers[0]:
+                opened.append(s)
+                workers.append(w)
+                break
+            assert s.status in (200, 429), s.status
+            s.close()
+            time.sleep(0.05 if s.status == 429 else 0.2)
+        assert len(set(workers)) == 2, f"could not open the user's two streams on both workers: {workers}"
+        # Requests of the user (other topics, other tokens) on fresh connections until both workers
+        # took some: every one is refused and none is forwarded.
+        n = iter(range(100))
+
+        def third():
+            i = next(n)
+            m = marker()
+            r = limenv.get(f"/events/topic{i}?{m}", bearer(tokens[2 + i % 10]))
+            assert_too_many(r)
+            wait_not_forwarded(upstream, m, settle=0.05)
+            return r
+
+        on_both_workers(limenv, third)
+    finally:
+        for s in opened:
+            s.close()
