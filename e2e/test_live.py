@@ -1,7 +1,8 @@
 """Live streams follow the webhook (issue 13) against a real Envoy (--concurrency 2):
 re-verification of open streams every `sse.reverify_interval_sec` (revocation, another user,
-fail-static on webhook failure, coalesced calls) and the per-user stream limit
-`sse.max_streams_per_user` across both workers.
+fail-static on webhook failure, coalesced calls), the per-user stream limit
+`sse.max_streams_per_user` across both workers, and slot bookkeeping over 1,000 streams ended in
+every way.
 
 Timing (contract, "SSE session"): a stream verified at t is verified again in
 [t + 0.9 * interval, t + interval] (+ the timer's granularity); with an interval of 2 s that is
@@ -12,6 +13,9 @@ that count webhook calls give their tokens an expiry far outside the counting wi
 import concurrent.futures
 import json
 import re
+import socket
+import struct
+import threading
 import time
 import uuid
 
@@ -366,3 +370,209 @@ def test_stream_limit_counts_both_workers(limenv, webhook, upstream):
     finally:
         for s in opened:
             s.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# no slot leaks: 1,000 streams of one user ended in every way
+# ----------------------------------------------------------------------------------------------
+CHURN_LIMIT = 3
+CHURN_CFG = {"jwt_verifier": {"rate_limit_per_sec": 100000},
+             "sse": {"max_streams_per_user": CHURN_LIMIT, "reverify_interval_sec": INTERVAL,
+                     "heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 1, "max_connection_sec": 3}}
+SLOW_WAYS = {"token_expired": 4, "revoked": 4, "max_duration": 4}
+FAST_WAYS = ["close", "reset", "end", "abort", "h2_cancel"]
+
+
+def _linger_reset(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _h2_cancel(port, path, headers, timeout=10.0):
+    """HTTP/2: opens a stream, reads its headers (and the first event when allowed), cancels it
+    with RST_STREAM, waits for a PING round trip (Envoy processed the reset), then closes.
+    Returns the status."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "127.0.0.1"),
+                              (":path", path)] + list(headers.items()), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, body, ended, acked = None, b"", False, False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ended:
+            if status is not None and (status != 200 or b"\n\n" in body):
+                break
+            data = sock.recv(65536)
+            if not data:
+                raise AssertionError(f"HTTP/2 connection closed (status {status})")
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    body += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended = True
+                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    raise AssertionError(f"HTTP/2 stream ended by {ev!r}")
+            sock.sendall(conn.data_to_send())
+        assert status is not None, "no HTTP/2 response"
+        if not ended:
+            conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        conn.ping(b"revenpx!")
+        sock.sendall(conn.data_to_send())
+        while time.monotonic() < deadline and not acked:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                acked = acked or isinstance(ev, h2.events.PingAckReceived)
+        return status
+    finally:
+        sock.close()
+
+
+class Churn:
+    """One user's streams opened and ended one after another by CHURN_LIMIT threads. A 429 (a slot
+    whose release has not landed yet) is retried; a slot must come back within 1 s."""
+
+    def __init__(self, env, webhook, user, token):
+        self.env, self.webhook, self.user, self.token = env, webhook, user, token
+        self.lock = threading.Lock()
+        self.done = {}
+        self.retries = 0
+        self.max_wait = 0.0
+        self.reasons = {}
+
+    def _open(self, tok, mode, topic):
+        t0 = time.monotonic()
+        while True:
+            s = Stream(self.env.port, f"/events/{topic}", {**bearer(tok), "x-upstream-mode": mode}, timeout=10)
+            if s.status == 200:
+                with self.lock:
+                    self.max_wait = max(self.max_wait, time.monotonic() - t0)
+                return s
+            body = s.resp.read()
+            s.close()
+            assert s.status == 429 and b"too_many_streams" in body, (s.status, body[:200])
+            waited = time.monotonic() - t0
+            assert waited <= 1.0, f"no slot came back within 1 s ({waited:.2f}s, at {sum(self.done.values())} streams)"
+            with self.lock:
+                self.retries += 1
+            time.sleep(0.02)
+
+    def _slot_free(self, t0):
+        """Waits until a request of the user would not be refused (for the ways that cannot see
+        their own 429)."""
+        while True:
+            r = self.env.get("/events/probe", {**bearer(self.token), "x-upstream-mode": "end"}, timeout=10)
+            if r.status == 200:
+                return
+            assert r.status == 429, r
+            assert time.monotonic() - t0 <= 1.0, "no slot came back within 1 s"
+            with self.lock:
+                self.retries += 1
+            time.sleep(0.02)
+
+    def one(self, way, i):
+        topic = f"t{i % 7}"
+        if way == "close":
+            s = self._open(self.token, "silent", topic)
+            s.read_until(lambda t: "\n\n" in t, timeout=5)
+            s.close()
+        elif way == "reset":
+            s = self._open(self.token, "silent", topic)
+            s.read_until(lambda t: "\n\n" in t, timeout=5)
+            _linger_reset(s.conn.sock)
+            s.close()
+        elif way == "end":
+            s = self._open(self.token, "end", topic)
+            s.read_until(None, timeout=5)
+            assert s.ended, "the upstream's end did not reach the client"
+            s.close()
+        elif way == "abort":
+            # The client is gone before (or while) the response starts: any state must give the slot back.
+            self._slot_free(time.monotonic())
+            sock = socket.create_connection(("127.0.0.1", self.env.port), timeout=5)
+            sock.sendall(f"GET /events/{topic} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {self.token}\r\n"
+                         f"x-upstream-mode: silent\r\n\r\n".encode())
+            _linger_reset(sock)
+            sock.close()
+        elif way == "h2_cancel":
+            t0 = time.monotonic()
+            while True:
+                status = _h2_cancel(self.env.port, f"/events/{topic}", {**bearer(self.token), "x-upstream-mode": "silent"})
+                if status == 200:
+                    break
+                assert status == 429, status
+                assert time.monotonic() - t0 <= 1.0, "no slot came back within 1 s (HTTP/2)"
+                with self.lock:
+                    self.retries += 1
+                time.sleep(0.02)
+        else:  # a slow way: the filter ends the stream
+            tok = new_token(f"churn-{way}", register=False)
+            if way == "token_expired":
+                self.webhook.program(tok, valid(self.user, expires_at=int(time.time()) + 2))
+            elif way == "revoked":
+                self.webhook.program(tok, valid(self.user), invalid())
+            else:
+                self.webhook.program(tok, valid(self.user))
+            s = self._open(tok, "silent", topic)
+            s.read_until(None, timeout=6)
+            assert s.ended, f"{way}: the stream did not end: {s.text[-200:]!r}"
+            reason = expired_reason(s.text)["reason"]
+            s.close()
+            with self.lock:
+                self.reasons.setdefault(way, []).append(reason)
+        with self.lock:
+            self.done[way] = self.done.get(way, 0) + 1
+
+    def run(self, plan):
+        def lane(items):
+            for i, way in items:
+                self.one(way, i)
+
+        lanes = [plan[k::CHURN_LIMIT] for k in range(CHURN_LIMIT)]
+        with concurrent.futures.ThreadPoolExecutor(CHURN_LIMIT) as ex:
+            for f in [ex.submit(lane, items) for items in lanes]:
+                f.result()
+
+
+def test_no_slot_leaks_after_1000_streams(envoys, webhook):
+    env = envoys.get(CHURN_CFG, name="churn")
+    user, tok = uid("churn"), new_token("churn")
+    webhook.program(tok, valid(user))
+    slow = [w for w, n in SLOW_WAYS.items() for _ in range(n)]
+    total = 1000
+    ways = slow + [FAST_WAYS[i % len(FAST_WAYS)] for i in range(total - len(slow))]
+    # Spread the slow ones over the run (and over the three lanes).
+    step = len(ways) // len(slow)
+    fast = iter(ways[len(slow):])
+    slow_at = {k * step + 1: w for k, w in enumerate(slow)}
+    plan = [(i, slow_at.get(i) or next(fast)) for i in range(total)]
+    churn = Churn(env, webhook, user, tok)
+    t0 = time.monotonic()
+    churn.run(plan)
+    took = time.monotonic() - t0
+    assert sum(churn.done.values()) == total, churn.done
+    for way in SLOW_WAYS:
+        assert churn.reasons.get(way) == [way] * SLOW_WAYS[way], f"{way}: streams ended with {churn.reasons.get(way)}"
+    assert wait_metric(env, "revenprox_open_streams", 0, timeout=5) == 0, "open_streams did not return to 0"
+    # The user still has all of its slots, and no more.
+    opened = []
+    try:
+        for i in range(CHURN_LIMIT):
+            opened.append(churn._open(tok, "silent", f"after{i}"))
+        assert_too_many(env.get("/events/after-extra", bearer(tok)))
+    finally:
+        for s in opened:
+            s.close()
+    assert wait_metric(env, "revenprox_open_streams", 0, timeout=5) == 0
+    print(f"\n1,000 streams in {took:.1f}s ({churn.done}); 429 retries {churn.retries}, "
+          f"longest wait for a slot {churn.max_wait:.2f}s")
