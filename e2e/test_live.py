@@ -1,8 +1,8 @@
 """Live streams follow the webhook (issue 13) against a real Envoy (--concurrency 2):
 re-verification of open streams every `sse.reverify_interval_sec` (revocation, another user,
 fail-static on webhook failure, coalesced calls), the per-user stream limit
-`sse.max_streams_per_user` across both workers, and slot bookkeeping over 1,000 streams ended in
-every way.
+`sse.max_streams_per_user` across both workers, slot bookkeeping over 1,000 streams ended in every
+way, and the validation of both keys.
 
 Timing (contract, "SSE session"): a stream verified at t is verified again in
 [t + 0.9 * interval, t + interval] (+ the timer's granularity); with an interval of 2 s that is
@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from helpers import Stream, marker, new_token, wait_until
+from helpers import Stream, marker, new_token, plugin_config, wait_until
 from servers.jwtutil import topic_id
 from servers.webhook import Behaviour, invalid, valid
 from test_core import _worker_cx, assert_error, bearer
@@ -576,3 +576,35 @@ def test_no_slot_leaks_after_1000_streams(envoys, webhook):
     assert wait_metric(env, "revenprox_open_streams", 0, timeout=5) == 0
     print(f"\n1,000 streams in {took:.1f}s ({churn.done}); 429 retries {churn.retries}, "
           f"longest wait for a slot {churn.max_wait:.2f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+BAD = [
+    ("reverify_too_large", {"reverify_interval_sec": 86401}, "sse.reverify_interval_sec"),
+    ("reverify_negative", {"reverify_interval_sec": -1}, "sse.reverify_interval_sec"),
+    ("reverify_string", {"reverify_interval_sec": "5"}, "sse.reverify_interval_sec"),
+    ("max_streams_negative", {"max_streams_per_user": -1}, "sse.max_streams_per_user"),
+    ("max_streams_fraction", {"max_streams_per_user": 1.5}, "sse.max_streams_per_user"),
+    ("max_streams_string", {"max_streams_per_user": "2"}, "sse.max_streams_per_user"),
+]
+
+
+@pytest.mark.parametrize("sse,key", [(c, k) for _, c, k in BAD], ids=[i for i, _, _ in BAD])
+def test_bad_live_config_refuses_envoy(envoys, sse, key):
+    rc, log = envoys.expect_exit(plugin_config({"sse": sse}), name="badlive")
+    assert rc is not None, "Envoy kept running with a bad plugin configuration"
+    assert rc != 0, f"Envoy exited 0 with a bad configuration; log:\n{log[-3000:]}"
+    naming = [ln for ln in log.splitlines() if "wasm log revenprox" in ln and key in ln]
+    assert naming, f"no plugin log line names {key!r}; log:\n{log[-3000:]}"
+    assert any(re.search(r"\[(error|critical|warning)\]", ln) for ln in naming), naming
+
+
+@pytest.mark.parametrize("sse", [{"reverify_interval_sec": 0, "max_streams_per_user": 0},
+                                 {"reverify_interval_sec": 86400, "max_streams_per_user": 1}],
+                         ids=["zero", "upper_bounds"])
+def test_live_config_bounds_accepted(envoys, sse):
+    env = envoys.get({"sse": sse}, name="livebounds")
+    assert env.alive
+    assert env.get("/events/news").status == 401
