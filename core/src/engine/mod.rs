@@ -24,7 +24,7 @@ use crate::resilience::flight::Purpose;
 use crate::shared::{self, SharedStore};
 use crate::sse::{presence, refresh};
 use metrics::{Metric, Tally, Update};
-use streams::{Identity, Reverify, Streams};
+use streams::{Identity, Reverified, Reverify, Streams};
 use verifier::{Finished, Started, Verdicted, Verifier};
 
 /// Timer granularity: calls and injections are never early, and at most this late.
@@ -164,7 +164,7 @@ impl<S: SharedStore> Engine<S> {
     pub fn call_answered(&mut self, token: u32, status: Option<u32>, body: &[u8], now_ms: u64) {
         let (mut io, verifier, streams) = self.io(now_ms);
         let finished = verifier.answered(&mut io, token, status, body);
-        deliver_all(&mut io, streams, finished);
+        deliver_all(&mut io, verifier, streams, finished);
         self.reschedule(now_ms);
     }
 
@@ -201,7 +201,7 @@ impl<S: SharedStore> Engine<S> {
         let root = self.root;
         let (mut io, verifier, streams) = self.io(now_ms);
         let finished = verifier.tick(&mut io, root);
-        deliver_all(&mut io, streams, finished);
+        deliver_all(&mut io, verifier, streams, finished);
         let reverify = streams.tick(&mut io);
         start_reverifications(&mut io, verifier, streams, root, reverify);
         self.reschedule(now_ms);
@@ -223,7 +223,7 @@ impl<S: SharedStore> Engine<S> {
         let flow = match receipt {
             Receipt::Dispatched { key, from, token } => {
                 let finished = verifier.dispatched(&mut io, key, from, token);
-                deliver_all(&mut io, streams, finished);
+                deliver_all(&mut io, verifier, streams, finished);
                 None
             }
             Receipt::Written { ctx } => {
@@ -344,7 +344,7 @@ fn request<S: SharedStore + ?Sized>(
             }
             let mut client_key = || downstream().as_deref().and_then(crate::resilience::clients::key);
             match verifier.begin(io, ctx, ctx, v, purpose, &mut client_key) {
-                Started::Done(finished) => deliver(io, streams, finished, Some(ctx)),
+                Started::Done(finished) => deliver(io, verifier, streams, finished, Some(ctx)),
                 Started::Pending => Flow::Pause,
             }
         }
@@ -430,33 +430,43 @@ fn start_reverifications<S: SharedStore + ?Sized>(
             client_probe: false,
         };
         if let Started::Done(finished) = verifier.begin(io, r.ctx, root, v, Purpose::Reverify, &mut || None) {
-            deliver(io, streams, finished, None);
+            deliver(io, verifier, streams, finished, None);
         }
     }
 }
 
-fn deliver_all<S: SharedStore + ?Sized>(io: &mut Io<S>, streams: &mut Streams, finished: Vec<Finished>) {
+fn deliver_all<S: SharedStore + ?Sized>(
+    io: &mut Io<S>,
+    verifier: &mut Verifier,
+    streams: &mut Streams,
+    finished: Vec<Finished>,
+) {
     for f in finished {
-        deliver(io, streams, f, None);
+        deliver(io, verifier, streams, f, None);
     }
 }
 
 /// A verdict for every stream that waited for it, by purpose. A request to forward gets its
 /// identity and goes upstream (resumed, unless its own callback is running: `in_callback`), or its
 /// refusal; a challenge response is answered here (204 when the user has an open stream on the
-/// topic, which then takes the new expiry, else 403); a re-verified stream goes on or ends. The
-/// flow is the one for `in_callback`'s request.
+/// topic, which then takes the new expiry, else 403); a re-verified stream goes on or ends, and
+/// when it ends because the credential now names another user, the credential is revoked like a
+/// denied one (no cache serves it again). The flow is the one for `in_callback`'s request.
 fn deliver<S: SharedStore + ?Sized>(
     io: &mut Io<S>,
+    verifier: &mut Verifier,
     streams: &mut Streams,
     f: Finished,
     in_callback: Option<Ctx>,
 ) -> Flow {
     let mut flow = Flow::Pause;
+    let mut other_user = false;
     for w in &f.waiters {
         let ctx = w.context_id;
         match (w.purpose, &f.verdict) {
-            (Purpose::Reverify, verdict) => streams.reverified(io, ctx, &f.credential, verdict),
+            (Purpose::Reverify, verdict) => {
+                other_user |= streams.reverified(io, ctx, &f.credential, verdict) == Reverified::OtherUser;
+            }
             (_, verdict @ (Verdicted::Denied | Verdicted::Failed | Verdicted::Refused(_))) => {
                 if let Some(reply) = verdict.refusal() {
                     io.reply(ctx, reply);
@@ -492,6 +502,9 @@ fn deliver<S: SharedStore + ?Sized>(
                 refresh_streams(io, streams, ctx, &f, user_id, *expires_at);
             }
         }
+    }
+    if other_user {
+        verifier.revoke_credential(io, &f.credential, &f.topic_id);
     }
     flow
 }

@@ -29,6 +29,20 @@ use crate::sse::session::{ExpiryReason, Injection, Session};
 use crate::sse::{presence, refresh};
 use std::collections::{HashMap, HashSet};
 
+/// What a re-verification's verdict did to its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reverified {
+    /// The stream goes on (allowed for its user, a failure, or a verdict about a credential the
+    /// stream no longer uses).
+    GoesOn,
+    /// Denied: the stream is revoked (the verifier already revoked the credential).
+    Denied,
+    /// Allowed for another user: the stream is revoked, and so must the credential be.
+    OtherUser,
+    /// The stream is gone, or never had a verdict.
+    Gone,
+}
+
 /// Who a verified request belongs to, kept from the verdict until its response headers arrive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -524,18 +538,18 @@ impl Streams {
         ctx: Ctx,
         credential: &Credential,
         verdict: &Verdicted,
-    ) {
+    ) -> Reverified {
         let cfg = io.cfg;
         let now_ms = io.now_ms;
         let Some(live) = self.live.get_mut(&ctx) else {
-            return;
+            return Reverified::Gone;
         };
         let Some(auth) = live.auth.as_mut() else {
-            return;
+            return Reverified::Gone;
         };
         auth.verifying = false;
         let spread = u64::from(ctx).wrapping_mul(0x9e37_79b9);
-        match verdict {
+        let outcome = match verdict {
             Verdicted::Allowed { user_id, expires_at } if *user_id == auth.user_id => {
                 // The verdict was for the credential asked about; a refresh taken meanwhile stays.
                 if *credential == auth.credential {
@@ -543,29 +557,41 @@ impl Streams {
                 }
                 auth.verified_ms = now_ms;
                 auth.verify_at_ms = next_verify_ms(cfg, now_ms, spread);
+                Reverified::GoesOn
             }
             Verdicted::Allowed { .. } | Verdicted::Denied => {
+                let other_user = matches!(verdict, Verdicted::Allowed { .. });
                 if *credential != auth.credential {
                     // A refresh replaced the credential meanwhile: the verdict is about the old one.
                     auth.verify_at_ms = Some(now_ms);
-                } else if !live.session.finished() {
-                    io.tally.inc(Metric::StreamsRevoked);
-                    let line = format!(
-                        "revenprox: stream revoked user={} topic={} (re-verification refused)",
-                        auth.user_id, auth.topic_id
-                    );
-                    io.log(Level::Info, line);
-                    live.pending = Some(Injection::Expired(ExpiryReason::Revoked));
-                    live.pending_since_ms = now_ms;
+                    Reverified::GoesOn
+                } else {
+                    if !live.session.finished() {
+                        io.tally.inc(Metric::StreamsRevoked);
+                        let line = format!(
+                            "revenprox: stream revoked user={} topic={} (re-verification refused)",
+                            auth.user_id, auth.topic_id
+                        );
+                        io.log(Level::Info, line);
+                        live.pending = Some(Injection::Expired(ExpiryReason::Revoked));
+                        live.pending_since_ms = now_ms;
+                    }
+                    if other_user {
+                        Reverified::OtherUser
+                    } else {
+                        Reverified::Denied
+                    }
                 }
             }
             Verdicted::Failed | Verdicted::Refused(_) => {
                 // Fail-static: the stream goes on under its last verdict until its expiry.
                 io.tally.inc(Metric::ReverifyFailures);
                 auth.verify_at_ms = next_verify_ms(cfg, now_ms, spread);
+                Reverified::GoesOn
             }
-        }
+        };
         self.want(Some(now_ms));
+        outcome
     }
 
     /// A challenge response of `user_id` on `topic_id` was accepted on this worker: its streams of

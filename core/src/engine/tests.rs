@@ -581,6 +581,17 @@ fn open_streams_are_reverified_and_share_one_call() {
 
 #[test]
 fn a_refused_reverification_revokes_the_stream_and_the_cache_everywhere() {
+    revoked_everywhere(DENY);
+}
+
+#[test]
+fn a_reverification_for_another_user_revokes_the_stream_and_the_cache_everywhere() {
+    // The contract treats "valid for another user_id" as a denial: the allow it carries must not
+    // be cached either, or both workers go on serving the credential (as either user).
+    revoked_everywhere(&verdict("someone-else", 3_600));
+}
+
+fn revoked_everywhere(answer: &[u8]) {
     let store = MemStore::new();
     let extra = r#","sse":{"reverify_interval_sec":5}"#;
     let mut a = Host::new(cfg(extra), store.clone());
@@ -593,7 +604,7 @@ fn a_refused_reverification_revokes_the_stream_and_the_cache_everywhere() {
     b.take();
     a.tick_until(T0 + 5_000);
     let (call, _) = a.pending_calls()[0];
-    a.answer(call, 200, DENY);
+    a.answer(call, 200, answer);
     a.tick_until(a.now + 40);
     let effects = a.take();
     assert!(injected(&effects, REVOKED), "{effects:?}");

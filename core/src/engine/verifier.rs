@@ -597,6 +597,25 @@ impl Verifier {
         vec![Finished { credential: v.credential, topic_id: v.topic_id, verdict, waiters: flight.waiters }]
     }
 
+    /// A re-verification found that `credential` now names another user: like a denial, no cache
+    /// may serve it for `topic_id` again (the allow `finish` just cached included), on any worker.
+    pub(crate) fn revoke_credential<S: SharedStore + ?Sized>(
+        &mut self,
+        io: &mut Io<S>,
+        credential: &Credential,
+        topic_id: &str,
+    ) {
+        let v = Verification {
+            credential: credential.clone(),
+            topic_id: topic_id.to_string(),
+            cacheable: true,
+            reauth: false,
+            client: None,
+            client_probe: false,
+        };
+        self.revoke(io, &v, true);
+    }
+
     /// A denial of a credential the cache may hold: the cache must never serve it again. The shared
     /// slot is emptied, and when the credential was cached anywhere (it was: it is being
     /// re-verified, or a cache holds it) the Envoy-wide revocation count goes up, so that every
