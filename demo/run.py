@@ -512,9 +512,8 @@ class Activity:
     - webhook decision and token issued, stream opened or closed: the `activity:` lines the webhook
       and the demo app print (webhook.log, sse_upstream.log);
     - refresh (the POST that answers a challenge) and refused stream: Envoy's access log;
-    - challenge sent and stream expired: the filter's counters at Envoy's admin, polled four times
-      a second (they name no user: the stream's `closed` line follows);
-    - and every line the filter itself logs (`revenprox: ...` in Envoy's log, at any level).
+    - challenge sent, stream expired, re-authorized: the filter's own lines (`revenprox: ...` in
+      Envoy's log, at any level: Envoy runs with wasm:debug), every one but the heartbeats.
 
     Never a token: the filter strips them from the paths the access log records, the other
     sources print none, and anything that looks like a JWT is masked anyway. Lines read in one
@@ -522,19 +521,13 @@ class Activity:
 
     OWN = re.compile(r"^activity: (\d\d:\d\d:\d\d\.\d{3}) (.*)$")
     ACCESS = re.compile(r'^\[(\S+)\] access "(\S+) (\S+) [^"]*" (\d{3}) (\S+) (\S*) bytes=\d+ dur=(\d+)ms')
-    FILTER_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\].*wasm log \S+ \S+: (revenprox: .*)$")
-    # counter -> (what the filter's own line says when it reports the same, the line to print)
-    COUNTERS = {"revenprox_challenges_sent": ("challenge sent", "event: challenge sent to {n} stream{s}"),
-                "revenprox_streams_expired": ("stream expired", "event: expired sent to {n} stream{s}: the filter resets it")}
-
+    # `wasm log <plugin> <root id>[ <vm id>]: revenprox: ...` (a stream's lines carry one name more)
+    FILTER_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\].*wasm log [^:]*: (revenprox: .*)$")
     def __init__(self, demo, out=None):
         self.demo = demo
         self.out = out or sys.stdout
         self.offsets = {}
         self.partial = {}
-        self.counters = None
-        self.polled = time.time()
-        self.filter_says = set()  # what the filter's own lines already report (no double lines)
 
     @staticmethod
     def stamp(ts):
@@ -575,26 +568,8 @@ class Activity:
                 found.append((self.stamp(ts), f"refused  {method} {path} -> {status} {details.strip('-')}".rstrip()))
         for line in self.new_lines("envoy.log"):
             m = self.FILTER_LINE.match(line)
-            if m:
-                self.filter_says |= {kind for kind, _ in self.COUNTERS.values() if kind in m.group(2)}
+            if m and " heartbeat sent " not in m.group(2) + " ":  # one per stream every few seconds
                 found.append((m.group(1)[11:], f"filter   {m.group(2)}"))
-        return found
-
-    def from_counters(self):
-        polled = time.time()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.demo.admin_port}{METRICS_PATH}", timeout=2) as r:
-                now = plain_metrics(r.read().decode())
-        except OSError:
-            return []
-        found = []
-        if self.counters is not None:
-            for name, (kind, template) in self.COUNTERS.items():
-                n = int(now.get(name, 0) - self.counters.get(name, 0))
-                if n > 0 and kind not in self.filter_says:
-                    # it happened since the last poll: sorted before what the logs say of that second
-                    found.append((self.stamp(self.polled), "filter   " + template.format(n=n, s="s" if n > 1 else "")))
-        self.counters, self.polled = now, polled
         return found
 
     def say(self, found):
@@ -603,10 +578,9 @@ class Activity:
         self.out.flush()
 
     def run(self, stop):
-        """Until `stop` is set: logs and counters every 0.25 s."""
-        self.from_counters()
+        """Until `stop` is set: the logs every 0.25 s."""
         while not stop.wait(0.25):
-            self.say(self.from_counters() + self.from_logs())
+            self.say(self.from_logs())
         self.say(self.from_logs())
 
 

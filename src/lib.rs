@@ -10,6 +10,8 @@ mod host;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    // Envoy drops lines below its own `wasm` log level; the SDK must not drop them first. The
+    // engine writes its per-stream debug lines only when Envoy's level is debug or trace.
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Debug);
     proxy_wasm::set_root_context(|id| Box::new(host::root::Root::new(id)));
 }}

@@ -696,10 +696,12 @@ fn sent<S: SharedStore + ?Sized>(io: &mut Io<S>, live: &mut Live, injection: Inj
     }
     if io.debug {
         let who = live.auth.as_ref().map_or("-", |a| a.user_id.as_str());
-        let what = match injection {
-            Injection::Expired(reason) => format!("expired ({})", reason.as_str()),
-            other => other.label().to_string(),
+        let line = match injection {
+            Injection::Expired(reason) => {
+                format!("revenprox: stream expired ({}) user={who}", reason.as_str())
+            }
+            other => format!("revenprox: {} sent user={who}", other.label()),
         };
-        io.log(Level::Debug, format!("revenprox: {what} sent user={who}"));
+        io.log(Level::Debug, line);
     }
 }
