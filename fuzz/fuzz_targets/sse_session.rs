@@ -102,7 +102,17 @@ const PIECES: [&[u8]; 10] =
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seg {
     Up(Vec<u8>),
-    Injected(Vec<u8>),
+    /// An injection, and the upstream byte the engine saw right after it when it placed it (spliced
+    /// inside a chunk), or `None` (appended to the bytes held so far).
+    Injected(Vec<u8>, Option<u8>),
+}
+
+/// Whether an injection may sit at the end of `before`: an event boundary of the stream so far,
+/// and not between the CR and a possible LF of one line end. After a CR that is only known when
+/// the engine saw the next byte (`next`) and it is not an LF.
+fn injectable(before: &[u8], next: Option<u8>) -> bool {
+    sse::boundaries(before).contains(&before.len())
+        && (!before.ends_with(b"\r") || next.is_some_and(|b| b != b'\n'))
 }
 
 #[derive(Debug, Default)]
@@ -214,7 +224,7 @@ impl Host {
                         c.segments
                             .iter()
                             .chain(&c.held)
-                            .any(|s| matches!(s, Seg::Injected(b) if b.starts_with(b"event: expired"))),
+                            .any(|s| matches!(s, Seg::Injected(b, _) if b.starts_with(b"event: expired"))),
                         "upstream bytes dropped before the stream expired"
                     );
                     let keep = c.upstream.len() - original.len();
@@ -238,11 +248,11 @@ impl Host {
                     let on_boundary = |at: usize| {
                         let mut before = stream_so_far.clone();
                         before.extend_from_slice(&original[..at]);
-                        sse::boundaries(&before).contains(&before.len()) && !before.ends_with(b"\r")
+                        injectable(&before, original.get(at).copied())
                     };
                     let (at, inj) = fits.iter().find(|(at, _)| on_boundary(*at)).copied().unwrap_or(fits[0]);
                     c.held.push(Seg::Up(original[..at].to_vec()));
-                    c.held.push(Seg::Injected(inj.to_vec()));
+                    c.held.push(Seg::Injected(inj.to_vec(), original.get(at).copied()));
                     c.held.push(Seg::Up(original[at..].to_vec()));
                 }
                 Some(Receipt::Written { ctx })
@@ -252,7 +262,7 @@ impl Host {
                 if !c.holding {
                     return Some(Receipt::Failed(Effect::Inject { ctx, bytes }));
                 }
-                c.held.push(Seg::Injected(bytes.to_vec()));
+                c.held.push(Seg::Injected(bytes.to_vec(), None));
                 self.deliver(ctx);
                 Some(Receipt::Written { ctx })
             }
@@ -328,7 +338,7 @@ impl Host {
     fn attribute(&mut self) {
         for (ctx, c) in self.clients.iter_mut() {
             for s in c.segments.get(c.checked..).unwrap_or_default() {
-                if matches!(s, Seg::Injected(b) if b.starts_with(b"event: challenge")) {
+                if matches!(s, Seg::Injected(b, _) if b.starts_with(b"event: challenge")) {
                     let exp = self.engine.streams().expires_at(*ctx).unwrap_or(0);
                     *c.challenges.entry(exp).or_default() += 1;
                 }
@@ -347,13 +357,12 @@ impl Host {
             let got = upstream_text(&c.segments);
             assert!(c.upstream.starts_with(&got), "stream {ctx}: upstream bytes changed");
             // Every injection sits on an event boundary of the upstream bytes before it.
-            let bounds = sse::boundaries(&got);
             let mut pos = 0usize;
             for s in &c.segments {
                 match s {
                     Seg::Up(b) => pos += b.len(),
-                    Seg::Injected(b) => assert!(
-                        bounds.contains(&pos) && (pos == 0 || got[pos - 1] != b'\r'),
+                    Seg::Injected(b, next) => assert!(
+                        injectable(&got[..pos], *next),
                         "stream {ctx}: injection {:?} inside an event at {pos}",
                         String::from_utf8_lossy(b)
                     ),
@@ -367,7 +376,7 @@ impl Host {
                     .segments
                     .iter()
                     .flat_map(|s| match s {
-                        Seg::Up(b) | Seg::Injected(b) => b.clone(),
+                        Seg::Up(b) | Seg::Injected(b, _) => b.clone(),
                     })
                     .collect();
                 let (events, comments) = sse::decode(&got);
@@ -385,7 +394,7 @@ impl Host {
             if let Some(i) = c
                 .segments
                 .iter()
-                .position(|s| matches!(s, Seg::Injected(b) if b.starts_with(b"event: expired")))
+                .position(|s| matches!(s, Seg::Injected(b, _) if b.starts_with(b"event: expired")))
             {
                 assert!(
                     c.segments[i + 1..].iter().all(|s| !matches!(s, Seg::Up(b) if !b.is_empty())),
