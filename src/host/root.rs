@@ -104,7 +104,10 @@ impl RootContext for Root {
         let queue = register_release_queue();
         let now = now_ms();
         let metrics = MetricIds::define();
-        let store = HostStore { revocations: metrics.id(Metric::Revocations) };
+        let store = HostStore {
+            revocations: metrics.id(Metric::Revocations),
+            user_ids_not_sub: metrics.id(Metric::UserIdNotSub),
+        };
         let worker_id = u32::try_from(random() >> 32).unwrap_or(0);
         let engine = Engine::new(cfg, store, self.id, worker_id, queue.is_some(), debug, now);
         let worker = Rc::new(Worker { engine: RefCell::new(engine), metrics, queue });

@@ -11,6 +11,8 @@ use revenprox_core::shared::{SetError, SharedStore};
 /// allocation round trip a shared-data read costs).
 pub struct HostStore {
     pub revocations: Option<u32>,
+    /// The `revenprox_user_id_not_sub` counter, Envoy-wide the same way.
+    pub user_ids_not_sub: Option<u32>,
 }
 
 impl SharedStore for HostStore {
@@ -28,6 +30,16 @@ impl SharedStore for HostStore {
 
     fn revocations(&self) -> u64 {
         self.revocations.and_then(|id| abi::get_metric(id).ok()).unwrap_or(0)
+    }
+
+    fn user_ids_not_sub(&self) -> u64 {
+        self.user_ids_not_sub.and_then(|id| abi::get_metric(id).ok()).unwrap_or(0)
+    }
+
+    fn user_id_not_sub(&mut self) {
+        if let Some(id) = self.user_ids_not_sub {
+            let _ = abi::increment_metric(id, 1);
+        }
     }
 
     fn revoke(&mut self) {

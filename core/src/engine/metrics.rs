@@ -55,9 +55,10 @@ pub enum Metric {
     OtherPaths,
     ClientCircuitOpened,
     ClientCircuitRejected,
+    UserIdNotSub,
 }
 
-pub const ALL: [Metric; 39] = [
+pub const ALL: [Metric; 40] = [
     Metric::Requests,
     Metric::Allowed,
     Metric::DeniedMissingToken,
@@ -97,6 +98,7 @@ pub const ALL: [Metric; 39] = [
     Metric::OtherPaths,
     Metric::ClientCircuitOpened,
     Metric::ClientCircuitRejected,
+    Metric::UserIdNotSub,
 ];
 
 impl Metric {
@@ -141,6 +143,7 @@ impl Metric {
             Metric::OtherPaths => "revenprox_other_paths",
             Metric::ClientCircuitOpened => "revenprox_client_circuit_opened",
             Metric::ClientCircuitRejected => "revenprox_client_circuit_rejected",
+            Metric::UserIdNotSub => "revenprox_user_id_not_sub",
         }
     }
 

@@ -370,6 +370,11 @@ fn misrouted_refresh<S: SharedStore + ?Sized>(
     if streams.has_local(&key) || shared::presence_count(io.store, &key, io.now_ms) > 0 {
         return false;
     }
+    // Another worker may have seen a webhook whose user ids are not subs: then the stream of the
+    // user this token really names may be here under another id.
+    if io.store.user_ids_not_sub() > 0 {
+        return false;
+    }
     // The claim is unverified: quoted and cut short, so it cannot forge or flood a log line.
     let shown: String = sub.chars().take(64).collect();
     let line = format!(

@@ -880,3 +880,28 @@ fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
     h.request(541, &refresh("/events/news", &jwt("zoe", 700)));
     assert_eq!(h.pending_calls().len(), 1, "verified again");
 }
+
+#[test]
+fn one_worker_seeing_a_user_id_that_is_not_the_sub_stops_the_shortcut_on_every_worker() {
+    let store = MemStore::new();
+    let mut a = Host::new(cfg(""), store.clone());
+    let mut b = Host::new(cfg(""), store);
+    // Worker B learns from ten verdicts whose user_id is the sub.
+    for i in 0..10u32 {
+        let user = format!("s{i}");
+        b.request(600 + i, &get("/events/news", &jwt(&user, 600)));
+        b.answer(b.pending_calls()[0].0, 200, &verdict(&user, 600));
+    }
+    b.take();
+    // Worker A sees a token whose user is not its sub (a service account, an alias), and opens
+    // that user's stream.
+    a.now = b.now;
+    a.open(700, &jwt("svc-token-sub", 600), "account-7", 600);
+    a.tick_until(a.now + 50); // registers the stream Envoy-wide
+    b.now = a.now;
+    // The user's refresh reaches worker B: its sub has no stream, but B must ask the webhook.
+    b.request(610, &refresh("/events/news", &jwt("svc-token-sub", 900)));
+    assert_eq!(b.pending_calls().len(), 1, "refused without asking although user ids are not all subs");
+    b.answer(b.pending_calls()[0].0, 200, &verdict("account-7", 900));
+    assert!(b.take().contains(&Effect::NoContent { ctx: 610 }));
+}

@@ -89,10 +89,11 @@ pub enum Started {
 const SUBJECT_EVIDENCE: u32 = 10;
 
 /// What this worker learned of the webhook's user ids: whether they are the JWTs' `sub` claims.
-/// Once they are (`SUBJECT_EVIDENCE` verdicts agreed, none disagreed), a challenge response whose
-/// claimed user has no open stream on the topic here is refused without asking the webhook (a
-/// misrouted refresh costs nothing). One disagreement turns it off for good. It only ever refuses
-/// early what the webhook's verdict would have refused too; it never allows anything.
+/// Once they are (`SUBJECT_EVIDENCE` verdicts agreed, none disagreed, and no worker of this Envoy
+/// saw one disagree: `SharedStore::user_ids_not_sub`), a challenge response whose claimed user has
+/// no open stream on the topic here is refused without asking the webhook (a misrouted refresh
+/// costs nothing). One disagreement anywhere in the Envoy turns it off for good. It only ever
+/// refuses early what the webhook's verdict would have refused too; it never allows anything.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Subjects {
     matches: u32,
@@ -104,10 +105,17 @@ impl Subjects {
         !self.mismatch && self.matches >= SUBJECT_EVIDENCE
     }
 
-    fn learn(&mut self, claimed: Option<&str>, user_id: &str) {
+    /// Learns from an allow verdict; false when its `user_id` is not the claimed `sub`.
+    fn learn(&mut self, claimed: Option<&str>, user_id: &str) -> bool {
         match claimed {
-            Some(sub) if sub == user_id => self.matches = self.matches.saturating_add(1),
-            _ => self.mismatch = true,
+            Some(sub) if sub == user_id => {
+                self.matches = self.matches.saturating_add(1);
+                true
+            }
+            _ => {
+                self.mismatch = true;
+                false
+            }
         }
     }
 }
@@ -568,8 +576,13 @@ impl Verifier {
         let v = flight.verification;
         let verdict = match verdict {
             Verdict::Allow { user_id, expires_at } => {
-                if v.credential.kind == Kind::Jwt {
-                    self.subjects.learn(precheck::claimed_subject(&v.credential.value).as_deref(), &user_id);
+                if v.credential.kind == Kind::Jwt
+                    && !self
+                        .subjects
+                        .learn(precheck::claimed_subject(&v.credential.value).as_deref(), &user_id)
+                {
+                    // Every worker must hear of it: a refresh may reach one that saw only subs.
+                    io.store.user_id_not_sub();
                 }
                 if v.cacheable {
                     if let Some(until_ms) =

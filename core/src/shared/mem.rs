@@ -13,6 +13,7 @@ type Data = HashMap<String, (Vec<u8>, u32)>;
 pub struct MemStore {
     data: Rc<RefCell<Data>>,
     revocations: Rc<RefCell<u64>>,
+    user_ids_not_sub: Rc<RefCell<u64>>,
 }
 
 impl MemStore {
@@ -63,6 +64,14 @@ impl SharedStore for MemStore {
 
     fn revocations(&self) -> u64 {
         *self.revocations.borrow()
+    }
+
+    fn user_ids_not_sub(&self) -> u64 {
+        *self.user_ids_not_sub.borrow()
+    }
+
+    fn user_id_not_sub(&mut self) {
+        *self.user_ids_not_sub.borrow_mut() += 1;
     }
 
     fn revoke(&mut self) {

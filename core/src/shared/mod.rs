@@ -40,6 +40,12 @@ pub trait SharedStore {
     fn revocations(&self) -> u64;
     /// A credential was revoked: counts one more.
     fn revoke(&mut self);
+    /// An Envoy-wide count of allow verdicts whose `user_id` was not the JWT's `sub` claim (Envoy:
+    /// the `revenprox_user_id_not_sub` counter). While it is 0 a worker may refuse a misrouted
+    /// challenge response without asking the webhook (`engine::verifier::Subjects`).
+    fn user_ids_not_sub(&self) -> u64;
+    /// An allow verdict's `user_id` was not the JWT's `sub`: counts one more.
+    fn user_id_not_sub(&mut self);
 }
 
 const BREAKER: &str = "revenprox.breaker";
