@@ -9,6 +9,7 @@ pub mod engine;
 pub mod logline;
 pub mod resilience;
 pub mod shared;
+pub mod slots;
 pub mod sse;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -18,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use revenprox::auth::cache;
 use revenprox::resilience::breaker::{self, Admit, Settings};
 use revenprox::resilience::limiter::Bucket;
-use revenprox::shared::slots;
+use revenprox::slots;
 use revenprox::sse::{presence, refresh};
 
 #[derive(Arbitrary, Debug)]

@@ -377,3 +377,19 @@ pub fn buffer_at(kind: BufferType, start: usize, max: usize) -> Result<Vec<u8>, 
         other => Err(other),
     }
 }
+
+/// A webhook answer, read from the host: `:status` (none when there were no headers) and at most
+/// `max_body` bytes of the body (one more than a verdict may be, so that an oversized one is
+/// recognised).
+pub fn call_answer(num_headers: usize, body_size: usize, max_body: usize) -> (Option<u32>, Vec<u8>) {
+    let status = if num_headers == 0 {
+        None
+    } else {
+        header(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
+    };
+    let body = buffer(BufferType::HttpCallResponseBody, body_size.min(max_body)).unwrap_or_default();
+    (status, body)
+}

@@ -8,7 +8,7 @@ use super::stream::Stream;
 use super::{abi, apply, now_ms, Worker, WorkerRef};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 use revenprox_core::auth::verdict::MAX_BODY;
 use revenprox_core::config;
 use revenprox_core::engine::metrics::Metric;
@@ -47,21 +47,6 @@ fn log_line(level: Level, line: &str) {
     }
 }
 
-/// A webhook answer, read from the host: `:status` (none when there were no headers) and the body
-/// (at most one byte past what a verdict may be, so an oversized one is recognised).
-pub fn read_call_answer(num_headers: usize, body_size: usize) -> (Option<u32>, Vec<u8>) {
-    let status = if num_headers == 0 {
-        None
-    } else {
-        abi::header(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
-    };
-    let body = abi::buffer(BufferType::HttpCallResponseBody, body_size.min(MAX_BODY + 1)).unwrap_or_default();
-    (status, body)
-}
-
 pub struct Root {
     id: u32,
     worker: Option<WorkerRef>,
@@ -76,7 +61,7 @@ impl Root {
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if let Some(w) = &self.worker {
-            let (status, body) = read_call_answer(num_headers, body_size);
+            let (status, body) = abi::call_answer(num_headers, body_size, MAX_BODY + 1);
             let now = now_ms();
             w.engine.borrow_mut().call_answered(token, status, &body, now);
             apply::run(w, self.id, Flow::Continue, now);

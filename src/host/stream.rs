@@ -1,11 +1,11 @@
 //! HTTP stream context: every callback is one engine event, then `apply::run` performs what the
 //! engine decided.
 
-use super::root::read_call_answer;
 use super::{abi, apply, now_ms, WorkerRef};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use revenprox_core::auth::reply::{Code, Reply};
+use revenprox_core::auth::verdict::MAX_BODY;
 use revenprox_core::engine::{ChunkReader, Flow};
 
 pub struct Stream {
@@ -38,7 +38,7 @@ impl ChunkReader for BodyReader {
 impl Context for Stream {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if let Some(w) = &self.worker {
-            let (status, body) = read_call_answer(num_headers, body_size);
+            let (status, body) = abi::call_answer(num_headers, body_size, MAX_BODY + 1);
             let now = now_ms();
             w.engine.borrow_mut().call_answered(token, status, &body, now);
             apply::run(w, self.id, Flow::Continue, now);

@@ -88,7 +88,7 @@ impl Entry {
 /// Bytes that mark a slot as empty (shared data cannot delete a key).
 pub const EMPTY: &[u8] = b"";
 
-impl crate::shared::slots::Slotted for Entry {
+impl crate::slots::Slotted for Entry {
     fn key(&self) -> &[u8; 32] {
         &self.key
     }

@@ -98,7 +98,7 @@ impl Record {
     }
 }
 
-impl crate::shared::slots::Slotted for Record {
+impl crate::slots::Slotted for Record {
     fn key(&self) -> &[u8; 32] {
         &self.key
     }

@@ -1,5 +1,5 @@
 //! Envoy-wide state, seen by every worker of one Envoy: the verdict cache slots, the circuit
-//! breaker, the rate-limit bucket and the stream registry.
+//! breaker, the rate-limit bucket, per-client records, presence and refresh records.
 //!
 //! The engine reaches it through the narrow `SharedStore` trait (get with a CAS token, set with an
 //! optional CAS), which the host implements with proxy-wasm shared data and `MemStore` implements in
@@ -8,7 +8,6 @@
 //! is from a fixed set, and the breaker and bucket keys are created at configuration time.
 
 pub mod mem;
-pub mod slots;
 
 pub use mem::MemStore;
 
@@ -16,6 +15,7 @@ use crate::auth::cache::{self, Entry, Key};
 use crate::resilience::breaker::{self, Admit, Settings};
 use crate::resilience::clients;
 use crate::resilience::limiter::{Bucket, Take};
+use crate::slots;
 use crate::sse::{presence, refresh};
 
 /// Why a write did not happen.

@@ -88,7 +88,7 @@ impl Entry {
     }
 }
 
-impl crate::shared::slots::Slotted for Entry {
+impl crate::slots::Slotted for Entry {
     fn key(&self) -> &[u8; 32] {
         &self.key
     }

@@ -1,7 +1,8 @@
 //! The one placement algorithm of every fixed-slot table in shared data (the verdict cache, the
-//! stream registry): an entry lives in one of two candidate slots chosen from its key (two-choice
-//! hashing). Envoy never deletes a shared-data key, so a table owns a fixed number of slots and
-//! memory stays flat whatever the number of distinct keys over time.
+//! refresh and client records): an entry lives in one of two candidate slots chosen from its key
+//! (two-choice hashing). Envoy never deletes a shared-data key, so a table owns a fixed number of
+//! slots and memory stays flat whatever the number of distinct keys over time. Pure: the tables'
+//! entry types implement `Slotted` where they are defined, and `shared` places them.
 
 /// An entry of a fixed-slot table.
 pub trait Slotted {
