@@ -12,7 +12,8 @@
 //! refused, or 204), never after it left; an allowed outcome only for a token the webhook allowed;
 //! no log line carries a credential. At the end Envoy answers every call and the timer makes every
 //! due call: every stream that did not leave has exactly one outcome, at most 1 + retry_attempts
-//! counted calls were made per verification (plus one per call lost with its stream), and the
+//! counted calls were made per verification (plus one per call lost with its stream, and one when
+//! an allow answered after a revocation is asked again), and the
 //! engine holds no flight and no call.
 #![no_main]
 
@@ -21,7 +22,7 @@ use libfuzzer_sys::fuzz_target;
 use revenprox::config;
 use revenprox::engine::{Ctx, Effect, Engine, Flow, Receipt};
 use revenprox::resilience::flight::FlightKey;
-use revenprox::shared::MemStore;
+use revenprox::shared::{MemStore, SharedStore};
 use std::collections::{HashMap, HashSet};
 
 const ROOT: Ctx = 1;
@@ -114,10 +115,18 @@ struct Tries {
     dispatched: u64,
     /// Calls lost with the stream that made them (made again, uncounted).
     lost: u64,
+    /// The Envoy-wide revocation count when the verdict was last asked for.
+    revocations: u64,
+    /// An allow came back after a revocation: the engine asks once more, at once (uncounted).
+    again: u64,
+    /// That call is due and not made yet.
+    again_due: bool,
 }
 
 struct Host {
     engine: Engine<MemStore>,
+    /// The engine's shared store (the same data): the model reads the revocation count.
+    store: MemStore,
     now: u64,
     tick_ms: u64,
     streams: HashMap<Ctx, Stream>,
@@ -179,8 +188,14 @@ impl Host {
                             self.current
                         );
                         let token = token_of(&call.body);
+                        let revocations = self.store.revocations();
                         let entry = self.tries.entry(*key).or_default();
-                        if *from == ROOT {
+                        if entry.dispatched == 0 {
+                            entry.revocations = revocations;
+                        }
+                        if std::mem::take(&mut entry.again_due) {
+                            assert_eq!(*from, ROOT, "an allow asked again from a stream");
+                        } else if *from == ROOT {
                             assert!(self.in_tick, "a root call outside the timer");
                             // A retry waits 100 ms × the calls counted so far; a lost call is made
                             // again at once.
@@ -304,6 +319,16 @@ impl Host {
             Answer::Status504 => (504, String::new()),
             Answer::Malformed => (200, "{".to_string()),
         };
+        if live && matches!(answer, Answer::Allow | Answer::OtherUser) {
+            // Decided before a revocation that happened meanwhile: asked once more.
+            let now = self.store.revocations();
+            let t = self.tries.entry(key).or_default();
+            if t.revocations != now && t.again == 0 {
+                t.again = 1;
+                t.again_due = true;
+                t.revocations = now;
+            }
+        }
         if live {
             match answer {
                 Answer::Allow => {
@@ -368,10 +393,11 @@ impl Host {
         let retries = self.retries;
         self.tries.retain(|key, t| {
             assert!(
-                t.dispatched <= 1 + retries + t.lost,
-                "{} calls for {key:?} (retry_attempts {retries}, {} lost)",
+                t.dispatched <= 1 + retries + t.lost + t.again,
+                "{} calls for {key:?} (retry_attempts {retries}, {} lost, {} asked again)",
                 t.dispatched,
-                t.lost
+                t.lost,
+                t.again
             );
             open.contains(key)
         });
@@ -391,8 +417,10 @@ fuzz_target!(|x: Input| {
         }
     });
     let cfg = config::parse(json.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let store = MemStore::new();
     let mut h = Host {
-        engine: Engine::new(cfg, MemStore::new(), ROOT, 7, true, true, T0),
+        engine: Engine::new(cfg, store.clone(), ROOT, 7, true, true, T0),
+        store,
         now: T0,
         tick_ms: 0,
         streams: HashMap::new(),

@@ -9,7 +9,7 @@ use crate::auth::reply::Code;
 use crate::auth::topic;
 use crate::config::{self, Config};
 use crate::resilience::flight::FlightKey;
-use crate::shared::MemStore;
+use crate::shared::{MemStore, SharedStore};
 use crate::sse::session::{ExpiryReason, Injection};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -904,4 +904,51 @@ fn one_worker_seeing_a_user_id_that_is_not_the_sub_stops_the_shortcut_on_every_w
     assert_eq!(b.pending_calls().len(), 1, "refused without asking although user ids are not all subs");
     b.answer(b.pending_calls()[0].0, 200, &verdict("account-7", 900));
     assert!(b.take().contains(&Effect::NoContent { ctx: 610 }));
+}
+
+#[test]
+fn an_allow_asked_for_before_a_revocation_is_asked_again_and_never_cached() {
+    // Second attack run: a slow allow for J on worker A lands after worker B revoked J; it was
+    // cached and served J for cache_ttl_sec.
+    let store = MemStore::new();
+    let extra = r#","sse":{"reverify_interval_sec":5}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    let token = jwt("rita", 3_600);
+    assert_eq!(a.request(900, &get("/events/news", &token)), Flow::Pause);
+    let (slow, _) = a.pending_calls()[0];
+    b.open(910, &token, "rita", 3_600);
+    b.tick_until(b.now + 5_000);
+    let (reverify, _) = b.pending_calls()[0];
+    b.answer(reverify, 200, DENY);
+    assert_eq!(b.metric(Metric::StreamsRevoked), 1);
+    // The slow allow, decided before the revocation, arrives: asked again, nothing forwarded.
+    a.now = b.now;
+    a.answer(slow, 200, &verdict("rita", 3_600));
+    assert!(!a.take().contains(&Effect::ResumeRequest { ctx: 900 }));
+    a.tick_until(a.now + 50);
+    let (again, from) = a.pending_calls()[0];
+    assert_eq!(from, ROOT);
+    a.answer(again, 200, DENY);
+    assert_eq!(a.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(900, Code::InvalidToken)]);
+    // Nothing cached it: the next request asks the webhook.
+    assert_eq!(a.request(901, &get("/events/news", &token)), Flow::Pause);
+    assert!(a.take().iter().any(|e| dispatch_token(e).as_deref() == Some(token.as_str())));
+}
+
+#[test]
+fn an_allow_that_raced_two_revocations_is_delivered_but_not_cached() {
+    let store = MemStore::new();
+    let mut a = Host::new(cfg(""), store.clone());
+    let mut other = store.clone();
+    let token = jwt("sam", 3_600);
+    a.request(920, &get("/events/news", &token));
+    other.revoke();
+    a.answer(a.pending_calls()[0].0, 200, &verdict("sam", 3_600));
+    a.tick_until(a.now + 50);
+    let (again, _) = a.pending_calls()[0];
+    other.revoke();
+    a.answer(again, 200, &verdict("sam", 3_600));
+    assert!(a.take().contains(&Effect::ResumeRequest { ctx: 920 }));
+    assert_eq!(a.request(921, &get("/events/news", &token)), Flow::Pause, "not served from a cache");
 }

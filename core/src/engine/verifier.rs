@@ -132,6 +132,15 @@ pub struct Verifier {
     /// The breaker state this worker last reported in `revenprox_circuit_state`.
     breaker_seen: Option<u64>,
     subjects: Subjects,
+    /// For each flight: the Envoy-wide revocation count when its verdict was asked for, and
+    /// whether it was asked again already (`stale_allow`).
+    asked_at: HashMap<FlightKey, Asked>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    revocations: u64,
+    again: bool,
 }
 
 fn local_key(v: &Verification) -> String {
@@ -178,6 +187,7 @@ impl Verifier {
             local_epoch: 0,
             breaker_seen: None,
             subjects: Subjects::default(),
+            asked_at: HashMap::new(),
         }
     }
 
@@ -381,6 +391,7 @@ impl Verifier {
             io.tally.inc(Metric::Reverifications);
         }
         self.flights.start(key, v, waiter, probe, now_ms);
+        self.asked_at.insert(key, Asked { revocations: io.store.revocations(), again: false });
         match self.call(io, key, from).pop() {
             Some(finished) => Started::Done(finished),
             None => Started::Pending,
@@ -484,7 +495,27 @@ impl Verifier {
                 self.failed(io, key, Failure::Timeout)
             }
             Verdict::Failure(f) => self.failed(io, key, f),
+            Verdict::Allow { .. } if self.stale_allow(io, key) => {
+                // Decided before a revocation that happened meanwhile: it may be about a credential
+                // revoked since. Ask once more (from the timer, at once).
+                self.flights.recall(&key, now_ms);
+                Vec::new()
+            }
             v => self.finish(io, key, v),
+        }
+    }
+
+    /// An allow whose call was made before a credential was revoked somewhere in the Envoy, and
+    /// that was not asked again yet (once per flight: the second answer stands, uncached if
+    /// another revocation happened meanwhile).
+    fn stale_allow<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, key: FlightKey) -> bool {
+        let now = io.store.revocations();
+        match self.asked_at.get_mut(&key) {
+            Some(asked) if asked.revocations != now && !asked.again => {
+                *asked = Asked { revocations: now, again: true };
+                true
+            }
+            _ => false,
         }
     }
 
@@ -523,6 +554,9 @@ impl Verifier {
         let Some(flight) = self.flights.finish(&key) else {
             return Vec::new();
         };
+        // Whether no credential was revoked since the verdict was asked for: only then may an
+        // allow be cached (a revocation meanwhile may have been of this very credential).
+        let fresh = self.asked_at.remove(&key).is_none_or(|a| a.revocations == io.store.revocations());
         let now_ms = io.now_ms;
         let ok = !matches!(verdict, Verdict::Failure(_));
         let v = &flight.verification;
@@ -584,7 +618,7 @@ impl Verifier {
                     // Every worker must hear of it: a refresh may reach one that saw only subs.
                     io.store.user_id_not_sub();
                 }
-                if v.cacheable {
+                if v.cacheable && fresh {
                     if let Some(until_ms) =
                         cache::cache_until_ms(now_ms, io.cfg.verifier.cache_ttl_sec, expires_at)
                     {
@@ -669,7 +703,8 @@ impl Verifier {
             Some(Left::Waiting { key, orphaned: true }) => self.flights.recall(&key, io.now_ms),
             // Nobody waits for the half-open probe any more: give it back, or the breaker would
             // refuse every verification in this Envoy until the probe timed out.
-            Some(Left::Ended { probe, .. }) => {
+            Some(Left::Ended { key, probe }) => {
+                self.asked_at.remove(&key);
                 if probe {
                     shared::breaker_abandon_probe(io.store, io.now_ms);
                 }
