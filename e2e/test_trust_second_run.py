@@ -1,5 +1,5 @@
 """Second independent attack run: findings in the engine's shared state, one test each, against
-the real Envoy and template (SECURITY.md, "Findings", 22 and later). Each failed on the build
+the real Envoy and template (SECURITY.md, "Findings", 25 and later). Each failed on the build
 before its fix.
 
 Two workers (`--concurrency 2`): a test that needs a request on a given worker opens keep-alive
@@ -49,7 +49,7 @@ def jwt_for(sub):
 
 
 # ----------------------------------------------------------------------------------------------
-# 22. An allow decided before a revocation landed after it and was cached
+# 25. An allow decided before a revocation landed after it and was cached
 # ----------------------------------------------------------------------------------------------
 RACE = {"jwt_verifier": {"cache_ttl_sec": 300}, "sse": {"heartbeat_interval_sec": 1, "reverify_interval_sec": 2}}
 
@@ -93,3 +93,54 @@ def test_an_allow_in_flight_during_a_revocation_is_never_served_again(envoys, we
     statuses = [env.get("/events/news", bearer(j)).status for _ in range(3)]
     assert statuses == [401, 401, 401], statuses
     assert len(webhook.calls_for(j)) == calls + 3, "a revoked credential was served from a cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# 26. "User ids are JWT subs" learned per worker refused the refresh of a user whose id is not
+#     the sub (or who opened the stream with a ticket) on the other worker
+# ----------------------------------------------------------------------------------------------
+LEARN = {"sse": {"heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 2, "reverify_interval_sec": 0}}
+CR = "application/x-challenge-response"
+
+
+def open_victim_stream(env, conn, webhook, opening, uid, ticket):
+    path = f"/events/news?ticket={opening}" if ticket else "/events/news"
+    headers = {"x-upstream-mode": "silent"} if ticket else {**bearer(opening), "x-upstream-mode": "silent"}
+    webhook.program(opening, valid(uid, ttl=600))
+    conn.request("GET", path, headers=headers)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.read1(65536)  # the echo event: the stream is open
+
+
+def test_a_user_whose_id_is_not_the_sub_keeps_its_refresh_on_every_worker(envoys, webhook):
+    for ticket in (False, True):
+        env = envoys.get(LEARN, name=f"trust2-subjects-{'ticket' if ticket else 'jwt'}")
+        stream_conn, w_stream = connection_on_worker(env)
+        other_conn, w_other = connection_on_worker(env, avoid=w_stream)
+        try:
+            # Ordinary traffic on the other worker: ten users whose user_id is their sub.
+            for i in range(10):
+                st, _ = request(other_conn, "GET", "/events/news",
+                                {**bearer(new_token(f"ordinary{i}")), "x-upstream-mode": "end"})
+                assert st == 200
+            # The victim: the IdP's sub "Victim.Smith-…", the webhook's user id lower-cased (or a
+            # stream opened with a one-time ticket, which names no sub at all).
+            sub = "Victim.Smith-" + uuid.uuid4().hex[:6]
+            uid = sub.lower()
+            opening = ("tkt_" + uuid.uuid4().hex) if ticket else jwt_for(sub)
+            if ticket:
+                SENT_TOKENS.append(opening)
+            open_victim_stream(env, stream_conn, webhook, opening, uid, ticket)
+            refresh = jwt_for(sub)
+            webhook.program(refresh, valid(uid, ttl=3600))
+            deadline = time.monotonic() + 3
+            while True:  # the stream is registered Envoy-wide at its worker's next tick
+                st, body = request(other_conn, "POST", "/events/news", {**bearer(refresh), "content-type": CR}, b"")
+                if st == 204 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert st == 204, (ticket, w_stream, w_other, st, body, len(webhook.calls_for(refresh)))
+        finally:
+            stream_conn.close()
+            other_conn.close()

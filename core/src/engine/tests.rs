@@ -952,3 +952,33 @@ fn an_allow_that_raced_two_revocations_is_delivered_but_not_cached() {
     assert!(a.take().contains(&Effect::ResumeRequest { ctx: 920 }));
     assert_eq!(a.request(921, &get("/events/news", &token)), Flow::Pause, "not served from a cache");
 }
+
+#[test]
+fn a_stream_opened_with_a_ticket_stops_the_shortcut_on_every_worker() {
+    // Second attack run: a ticket names no sub, so its user's stream may be here under an id no
+    // JWT claims; the refresh of that user (a JWT whose sub differs) must reach the webhook.
+    let store = MemStore::new();
+    let mut a = Host::new(cfg(""), store.clone());
+    let mut b = Host::new(cfg(""), store);
+    for i in 0..10u32 {
+        let user = format!("t{i}");
+        b.request(630 + i, &get("/events/news", &jwt(&user, 600)));
+        b.answer(b.pending_calls()[0].0, 200, &verdict(&user, 600));
+    }
+    b.take();
+    a.now = b.now;
+    let ticket = vec![
+        (":method".into(), b"GET".to_vec()),
+        (":path".into(), b"/events/news?ticket=tkt_0123456789".to_vec()),
+    ];
+    assert_eq!(a.request(720, &ticket), Flow::Pause);
+    a.answer(a.pending_calls()[0].0, 200, &verdict("tina", 600));
+    a.response(720);
+    a.body(720, b"data: hi\n\n", false);
+    a.tick_until(a.now + 50);
+    b.now = a.now;
+    b.request(640, &refresh("/events/news", &jwt("Tina", 900)));
+    assert_eq!(b.pending_calls().len(), 1, "refused without asking although a ticket's user has a stream");
+    b.answer(b.pending_calls()[0].0, 200, &verdict("tina", 900));
+    assert!(b.take().contains(&Effect::NoContent { ctx: 640 }));
+}

@@ -610,11 +610,11 @@ impl Verifier {
         let v = flight.verification;
         let verdict = match verdict {
             Verdict::Allow { user_id, expires_at } => {
-                if v.credential.kind == Kind::Jwt
-                    && !self
-                        .subjects
-                        .learn(precheck::claimed_subject(&v.credential.value).as_deref(), &user_id)
-                {
+                // A ticket names no sub: its user's streams may be here under an id no JWT claims.
+                let claimed = precheck::claimed_subject(&v.credential.value);
+                let sub_named =
+                    v.credential.kind == Kind::Jwt && self.subjects.learn(claimed.as_deref(), &user_id);
+                if !sub_named {
                     // Every worker must hear of it: a refresh may reach one that saw only subs.
                     io.store.user_id_not_sub();
                 }
