@@ -5,12 +5,15 @@ before its fix.
 Two workers (`--concurrency 2`): a test that needs a request on a given worker opens keep-alive
 connections until one lands there (Envoy's per-worker `downstream_cx_total` tells which).
 """
+import concurrent.futures
+import hashlib
 import http.client
+import struct
 import threading
 import time
 import uuid
 
-from helpers import SENT_TOKENS, new_token
+from helpers import SENT_TOKENS, Stream, new_token
 from servers import jwtutil
 from servers.webhook import Behaviour, invalid, valid
 from test_core import _worker_cx, bearer
@@ -144,3 +147,113 @@ def test_a_user_whose_id_is_not_the_sub_keeps_its_refresh_on_every_worker(envoys
         finally:
             stream_conn.close()
             other_conn.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# 27. A key's presence buckets were a public function of (user, topic): an authenticated client
+#     filled another key's two buckets with 16 streams (uncounted victim, refused refresh, no
+#     stream limit)
+# ----------------------------------------------------------------------------------------------
+BUCKETS = 16_384
+
+
+def _presence_key(*parts):
+    """The presence key as core/src/sse/presence.rs computes it (public: SHA-256 of the parts)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(struct.pack(">Q", len(p)))
+        h.update(p)
+    return h.digest()[:16]
+
+
+def unsalted_buckets(key):
+    """Where the key's records lived before the Envoy's salt: its first two words."""
+    return [struct.unpack(">I", key[0:4])[0] % BUCKETS, struct.unpack(">I", key[4:8])[0] % BUCKETS]
+
+
+def topics_into(user, bucket, n):
+    """n topic names whose (user, topic) key had `bucket` as its first bucket."""
+    out, i = [], 0
+    while len(out) < n:
+        name = f"t{i}"
+        if unsalted_buckets(_presence_key(b"stream", user.encode(), jwtutil.topic_id(name).encode()))[0] == bucket:
+            out.append(name)
+        i += 1
+    return out
+
+
+def open_silent(port, tok, topic):
+    s = Stream(port, f"/events/{topic}", {**bearer(tok), "x-upstream-mode": "silent"}, timeout=15)
+    assert s.status == 200, s.status
+    s.read_until(lambda t: "\n\n" in t, timeout=3)
+    return s
+
+
+def presence_full(env):
+    return env.stats().get("revenprox_presence_full") or 0
+
+
+def test_streams_on_chosen_topics_cannot_crowd_out_another_users_presence(envoys, webhook):
+    env = envoys.get({"sse": {"heartbeat_interval_sec": 5, "challenge_before_expiry_sec": 2,
+                              "reverify_interval_sec": 0}}, name="trust2-presence-victim")
+    victim = "victim-" + uuid.uuid4().hex[:8]
+    attacker = new_token("mallory")  # the default webhook: user_id = sub, any topic
+    att = jwtutil.decode_unverified(attacker)["sub"]
+    a, b = unsalted_buckets(_presence_key(b"stream", victim.encode(), jwtutil.topic_id("news").encode()))
+    names = topics_into(att, a, 8) + topics_into(att, b, 8)
+    streams = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            streams = list(ex.map(lambda n: open_silent(env.port, attacker, n), names))
+        opening, refresh = jwt_for(victim), jwt_for(victim)
+        webhook.program(opening, valid(victim, ttl=600))
+        webhook.program(refresh, valid(victim, ttl=3600))
+        sconn, w_stream = connection_on_worker(env)
+        oconn, _ = connection_on_worker(env, avoid=w_stream)
+        try:
+            sconn.request("GET", "/events/news", headers={**bearer(opening), "x-upstream-mode": "silent"})
+            resp = sconn.getresponse()
+            assert resp.status == 200
+            resp.read1(65536)
+            deadline = time.monotonic() + 3
+            while True:  # the victim's stream is registered Envoy-wide at its worker's next tick
+                st, body = request(oconn, "POST", "/events/news", {**bearer(refresh), "content-type": CR}, b"")
+                if st == 204 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert st == 204, f"the victim's refresh on the other worker: {st} {body!r}"
+            assert presence_full(env) == 0
+        finally:
+            sconn.close()
+            oconn.close()
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_streams_on_chosen_topics_cannot_lift_a_users_stream_limit(envoys, webhook):
+    env = envoys.get({"sse": {"heartbeat_interval_sec": 5, "reverify_interval_sec": 0, "max_streams_per_user": 1}},
+                     name="trust2-presence-limit")
+    mallory = new_token("limited")
+    m = jwtutil.decode_unverified(mallory)["sub"]
+    a, b = unsalted_buckets(_presence_key(b"user", m.encode()))
+    accomplices = []
+    for i in range(16):  # one stream each, within their own limit, on topics aimed at mallory's buckets
+        tok = new_token(f"accomplice{i}")
+        uid = jwtutil.decode_unverified(tok)["sub"]
+        (name,) = topics_into(uid, a if i < 8 else b, 1)
+        accomplices.append((tok, name))
+    streams, mine = [], []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            streams = list(ex.map(lambda tn: open_silent(env.port, tn[0], tn[1]), accomplices))
+        statuses = []
+        for _ in range(5):
+            s = Stream(env.port, "/events/news", {**bearer(mallory), "x-upstream-mode": "silent"}, timeout=10)
+            statuses.append(s.status)
+            mine.append(s)
+        assert statuses == [200, 429, 429, 429, 429], statuses
+        assert presence_full(env) == 0
+    finally:
+        for s in streams + mine:
+            s.close()

@@ -89,10 +89,15 @@ impl RootContext for Root {
         let queue = register_release_queue();
         let now = now_ms();
         let metrics = MetricIds::define();
-        let store = HostStore {
+        let mut store = HostStore {
             revocations: metrics.id(Metric::Revocations),
             user_ids_not_sub: metrics.id(Metric::UserIdNotSub),
+            salt: [0; 16],
         };
+        // Random (std's RandomState draws on the host's random source), unless another worker of
+        // this Envoy wrote one already.
+        let candidate = (u128::from(random()) << 64 | u128::from(random())).to_le_bytes();
+        revenprox_core::shared::agree_salt(&mut store, candidate);
         let worker_id = u32::try_from(random() >> 32).unwrap_or(0);
         let engine = Engine::new(cfg, store, self.id, worker_id, queue.is_some(), debug, now);
         let worker = Rc::new(Worker { engine: RefCell::new(engine), metrics, queue });

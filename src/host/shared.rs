@@ -4,7 +4,7 @@
 
 use super::abi;
 use proxy_wasm::types::Status;
-use revenprox_core::shared::{SetError, SharedStore};
+use revenprox_core::shared::{Salt, SetError, SharedStore};
 
 /// Proxy-wasm shared data, and the `revenprox_revocations` counter as the Envoy-wide revocation
 /// count (a stat is shared by every worker VM, and reading it returns a number without the
@@ -13,6 +13,8 @@ pub struct HostStore {
     pub revocations: Option<u32>,
     /// The `revenprox_user_id_not_sub` counter, Envoy-wide the same way.
     pub user_ids_not_sub: Option<u32>,
+    /// The Envoy's placement salt (`shared::agree_salt` at configuration).
+    pub salt: Salt,
 }
 
 impl SharedStore for HostStore {
@@ -30,6 +32,14 @@ impl SharedStore for HostStore {
 
     fn revocations(&self) -> u64 {
         self.revocations.and_then(|id| abi::get_metric(id).ok()).unwrap_or(0)
+    }
+
+    fn salt(&self) -> Salt {
+        self.salt
+    }
+
+    fn set_salt(&mut self, salt: Salt) {
+        self.salt = salt;
     }
 
     fn user_ids_not_sub(&self) -> u64 {

@@ -415,6 +415,10 @@ impl Streams {
         let touch = now_ms >= self.touch_at_ms;
         if touch {
             self.touch_at_ms = now_ms.saturating_add(presence::REFRESH_MS);
+            if shared::recheck_salt(io.store) {
+                // Another worker's salt stands: this worker's records must be placed again.
+                self.replace_records(io);
+            }
             // Records of requests counted against their user's limit (streams or not).
             let users: HashSet<presence::Key> = self.reserved.values().copied().collect();
             for key in users {
@@ -504,6 +508,24 @@ impl Streams {
         }
         self.next_ms = next;
         self.coalesce(reverify)
+    }
+
+    /// Places this worker's presence records again (after the Envoy's salt changed under it): its
+    /// reservations at once, its streams at the tick that follows. The records left where the old
+    /// salt put them are touched no more and count for nothing once stale.
+    fn replace_records<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>) {
+        let mut reserved: HashMap<presence::Key, i64> = HashMap::new();
+        for key in self.reserved.values() {
+            *reserved.entry(*key).or_default() += 1;
+        }
+        for (key, n) in reserved {
+            shared::presence_change(io.store, &key, self.worker, n, io.now_ms);
+        }
+        for live in self.live.values_mut() {
+            if let Some(auth) = live.auth.as_mut() {
+                auth.registered = false;
+            }
+        }
     }
 
     /// Every stream with the same credential and topic as a re-verification joins it (one webhook

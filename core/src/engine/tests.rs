@@ -982,3 +982,25 @@ fn a_stream_opened_with_a_ticket_stops_the_shortcut_on_every_worker() {
     b.answer(b.pending_calls()[0].0, 200, &verdict("tina", 900));
     assert!(b.take().contains(&Effect::NoContent { ctx: 640 }));
 }
+
+#[test]
+fn a_worker_that_placed_records_with_another_salt_places_them_again() {
+    // Two workers configure at once, both find no salt and both write one: the last write stands,
+    // and the other worker's records sit where its own salt put them until its next touch.
+    let store = MemStore::new();
+    let (mut sa, mut sb) = (store.clone(), store.clone());
+    crate::shared::agree_salt(&mut sa, [1; 16]);
+    let _ = sb.set("revenprox.salt", &[2; 16], None);
+    crate::shared::agree_salt(&mut sb, [9; 16]);
+    assert_eq!((sa.salt(), sb.salt()), ([1; 16], [2; 16]));
+    let extra = r#","sse":{"max_streams_per_user":1}"#;
+    let mut a = Host::new(cfg(extra), sa);
+    let mut b = Host::new(cfg(extra), sb);
+    a.open(800, &jwt("uma", 600), "uma", 600);
+    a.tick_until(a.now + crate::sse::presence::REFRESH_MS + 50);
+    // After A's touch it uses the stored salt, and B sees A's stream: uma is at her limit.
+    b.now = a.now;
+    assert_eq!(b.request(810, &get("/events/sports", &jwt("uma", 601))), Flow::Pause);
+    b.answer(b.pending_calls()[0].0, 200, &verdict("uma", 600));
+    assert_eq!(b.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(810, Code::TooManyStreams)]);
+}

@@ -1,7 +1,7 @@
 //! An in-memory `SharedStore` with the host's semantics, for tests and fuzzing: one `MemStore` is a
 //! handle, and clones share the same data (several engines = several workers of one Envoy).
 
-use super::{SetError, SharedStore};
+use super::{Salt, SetError, SharedStore};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -14,6 +14,8 @@ pub struct MemStore {
     data: Rc<RefCell<Data>>,
     revocations: Rc<RefCell<u64>>,
     user_ids_not_sub: Rc<RefCell<u64>>,
+    /// This handle's salt (each worker holds its own copy, as in Envoy).
+    salt: Salt,
 }
 
 impl MemStore {
@@ -68,6 +70,14 @@ impl SharedStore for MemStore {
 
     fn user_ids_not_sub(&self) -> u64 {
         *self.user_ids_not_sub.borrow()
+    }
+
+    fn salt(&self) -> Salt {
+        self.salt
+    }
+
+    fn set_salt(&mut self, salt: Salt) {
+        self.salt = salt;
     }
 
     fn user_id_not_sub(&mut self) {

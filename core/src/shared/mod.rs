@@ -6,6 +6,11 @@
 //! memory for tests and fuzzing, with the host's semantics (docs/envoy-host.md): a CAS write fails
 //! on a changed key, a write with no CAS always wins, and a key is never deleted. So every key here
 //! is from a fixed set, and the breaker and bucket keys are created at configuration time.
+//!
+//! Where an entry lives in a fixed-slot table is decided by the Envoy's salt (`Salt`), a random
+//! value its workers agree on: a client can compute the keys of other users' entries, but not which
+//! slots they take, so it cannot pick keys that crowd out someone else's (the presence records of
+//! the per-user limit, the refresh records, the cache).
 
 pub mod mem;
 
@@ -17,6 +22,7 @@ use crate::resilience::clients;
 use crate::resilience::limiter::{Bucket, Take};
 use crate::slots;
 use crate::sse::{presence, refresh};
+use sha2::{Digest, Sha256};
 
 /// Why a write did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +52,61 @@ pub trait SharedStore {
     fn user_ids_not_sub(&self) -> u64;
     /// An allow verdict's `user_id` was not the JWT's `sub`: counts one more.
     fn user_id_not_sub(&mut self);
+    /// The salt this worker places entries with (`agree_salt`).
+    fn salt(&self) -> Salt;
+    fn set_salt(&mut self, salt: Salt);
+}
+
+/// The Envoy's placement salt: random, written once to shared data by the first worker to
+/// configure, read by the others.
+pub type Salt = [u8; 16];
+
+const SALT: &str = "revenprox.salt";
+
+/// At configuration: the Envoy's salt, or `candidate` (random, from the host) when there is none
+/// yet. Two workers may both find none and both write; the last write stands, and `recheck_salt`
+/// brings the first one round at its next touch.
+pub fn agree_salt<S: SharedStore + ?Sized>(store: &mut S, candidate: Salt) {
+    if let Some(salt) = stored_salt(store) {
+        store.set_salt(salt);
+        return;
+    }
+    let _ = store.set(SALT, &candidate, None);
+    let salt = stored_salt(store).unwrap_or(candidate);
+    store.set_salt(salt);
+}
+
+/// Reads the Envoy's salt again; `true` when it is not the one this worker used (it then uses the
+/// stored one, and must place its own entries again).
+pub fn recheck_salt<S: SharedStore + ?Sized>(store: &mut S) -> bool {
+    match stored_salt(store) {
+        Some(salt) if salt != store.salt() => {
+            store.set_salt(salt);
+            true
+        }
+        _ => false,
+    }
+}
+
+fn stored_salt<S: SharedStore + ?Sized>(store: &S) -> Option<Salt> {
+    store.get(SALT).0.and_then(|v| Salt::try_from(v.as_slice()).ok())
+}
+
+/// Where `key` lives in a fixed-slot table: a digest of the salt and the key, from which each
+/// table takes its two candidate slots.
+fn placement<S: SharedStore + ?Sized>(store: &S, key: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(store.salt());
+    h.update(key);
+    h.finalize().into()
+}
+
+/// The 16-byte form of `placement`, for the presence table.
+fn placement16<S: SharedStore + ?Sized>(store: &S, key: &[u8]) -> [u8; 16] {
+    let full = placement(store, key);
+    let mut p = [0u8; 16];
+    p.copy_from_slice(full.get(..16).unwrap_or(&[0; 16]));
+    p
 }
 
 const BREAKER: &str = "revenprox.breaker";
@@ -97,7 +158,7 @@ fn read_entry<S: SharedStore + ?Sized, T>(
 /// The live cached verdict for `key`, if any. The second candidate slot is read only when the
 /// first does not hold the entry (each shared-data read is a VM round trip).
 pub fn cache_get<S: SharedStore + ?Sized>(store: &S, key: &Key, slots: u32, now_ms: u64) -> Option<Entry> {
-    let [a, b] = cache::slots(key, slots);
+    let [a, b] = cache::slots(&placement(store, key), slots);
     let first = read_entry(store, &cache::slot_name(a), Entry::decode);
     if let Some(hit) = first.filter(|e| &e.key == key && e.live(now_ms)) {
         return Some(hit);
@@ -111,7 +172,7 @@ pub fn cache_get<S: SharedStore + ?Sized>(store: &S, key: &Key, slots: u32, now_
 /// Stores `entry` in one of its two slots (last writer wins: a cache, not a ledger). `false` when
 /// the host refused the write.
 pub fn cache_put<S: SharedStore + ?Sized>(store: &mut S, entry: &Entry, slots: u32, now_ms: u64) -> bool {
-    let [a, b] = cache::slots(&entry.key, slots);
+    let [a, b] = cache::slots(&placement(store, &entry.key), slots);
     let candidates = [
         read_entry(store, &cache::slot_name(a), Entry::decode),
         if a == b { None } else { read_entry(store, &cache::slot_name(b), Entry::decode) },
@@ -186,7 +247,7 @@ fn client_candidates<S: SharedStore + ?Sized>(
     store: &S,
     key: &clients::Key,
 ) -> ([u32; 2], [Option<clients::Record>; 2]) {
-    let [a, b] = clients::slots(key);
+    let [a, b] = clients::slots(&placement(store, key));
     let get = |n: u32| read_entry(store, &clients::slot_name(n), clients::Record::decode);
     ([a, b], [get(a), if a == b { None } else { get(b) }])
 }
@@ -228,7 +289,7 @@ pub fn client_update<S: SharedStore + ?Sized, R>(
 
 /// Empties `key`'s cache slot, if one holds it (a revoked credential must not be served again).
 pub fn cache_remove<S: SharedStore + ?Sized>(store: &mut S, key: &Key, slots: u32) {
-    let [a, b] = cache::slots(key, slots);
+    let [a, b] = cache::slots(&placement(store, key), slots);
     for slot in if a == b { vec![a] } else { vec![a, b] } {
         let name = cache::slot_name(slot);
         let _ = cas_update(store, &name, |v| {
@@ -242,7 +303,7 @@ fn presence_buckets<S: SharedStore + ?Sized>(
     store: &S,
     key: &presence::Key,
 ) -> ([u32; 2], [presence::Bucket; 2]) {
-    let [a, b] = presence::buckets(key);
+    let [a, b] = presence::buckets(&placement16(store, key));
     let get = |n: u32| {
         store.get(&presence::bucket_name(n)).0.map(|v| presence::Bucket::decode(&v)).unwrap_or_default()
     };
@@ -317,7 +378,7 @@ fn refresh_candidates<S: SharedStore + ?Sized>(
     store: &S,
     key: &refresh::Key,
 ) -> ([u32; 2], [Option<refresh::Entry>; 2]) {
-    let [a, b] = refresh::slots(key);
+    let [a, b] = refresh::slots(&placement(store, key));
     let get = |n: u32| read_entry(store, &refresh::slot_name(n), refresh::Entry::decode);
     ([a, b], [get(a), if a == b { None } else { get(b) }])
 }
@@ -341,4 +402,43 @@ pub fn refresh_put<S: SharedStore + ?Sized>(store: &mut S, entry: &refresh::Entr
             .is_some_and(|e| e.key == entry.key && e.live(now_ms) && e.at_ms > entry.at_ms);
         ((), (!newer).then(|| entry.encode()))
     });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_salt_written_stands_and_a_late_writer_is_brought_round() {
+        let store = MemStore::new();
+        let (mut a, mut b) = (store.clone(), store.clone());
+        agree_salt(&mut a, [1; 16]);
+        agree_salt(&mut b, [2; 16]);
+        assert_eq!((a.salt(), b.salt()), ([1; 16], [1; 16]), "the second worker reads the first's");
+        // Both found none and both wrote: the last write stands, the first worker adopts it.
+        let _ = b.set(SALT, &[3; 16], None);
+        assert!(recheck_salt(&mut a));
+        assert_eq!(a.salt(), [3; 16]);
+        assert!(!recheck_salt(&mut a));
+    }
+
+    #[test]
+    fn where_an_entry_lives_depends_on_the_salt() {
+        let (mut a, mut b) = (MemStore::new(), MemStore::new());
+        a.set_salt([1; 16]);
+        b.set_salt([2; 16]);
+        let keys: Vec<[u8; 32]> = (0u8..16).map(|i| [i; 32]).collect();
+        let moved = keys
+            .iter()
+            .filter(|k| cache::slots(&placement(&a, *k), 10_000) != cache::slots(&placement(&b, *k), 10_000))
+            .count();
+        assert!(moved >= 15, "only {moved} of 16 keys moved with the salt");
+        let pk: presence::Key = [7; 16];
+        assert_ne!(
+            presence::buckets(&placement16(&a, &pk)),
+            presence::buckets(&placement16(&b, &pk)),
+            "a client that knows a user's key still cannot know its buckets"
+        );
+    }
 }
