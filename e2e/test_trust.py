@@ -353,8 +353,12 @@ def test_the_access_log_says_how_a_stream_ended(envoys, webhook):
     tok, short = new_token("ended"), new_token("expiring")
     webhook.program(short, valid("expiring", ttl=2))
     m1, m2 = marker(), marker()
-    r = aenv.get(f"/events/news?{m1}", bearer(tok))  # the upstream ends the stream
-    assert r.status == 200
+    # The upstream ends the stream; the client reads to its end (a client that leaves first makes
+    # it a client disconnect, which the filter never marks).
+    with Stream(aenv.port, f"/events/news?{m1}", {**bearer(tok), "x-upstream-mode": "end"}, timeout=6) as s1:
+        assert s1.status == 200
+        s1.read_until(None, timeout=5)
+        assert s1.ended and s1.end_reason == "eof", s1.end_reason
     with Stream(aenv.port, f"/events/news?{m2}", {**bearer(short), "x-upstream-mode": "silent"}, timeout=6) as s:
         assert s.read_until(lambda t: "event: expired" in t, timeout=5), s.text
         s.read_until(None, timeout=2)
