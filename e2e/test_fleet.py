@@ -200,24 +200,42 @@ def test_user_hash_front_routes_by_the_verified_sub_only(fleet, webhook):
     assert "?" not in "".join(ln.split('"')[1] for ln in front.access_log().splitlines() if ln)
 
 
-def test_user_hash_front_keeps_20_streams_alive_over_three_token_lifetimes(fleet, webhook):
-    """20 users (tokens on the header, query and cookie channels), 3 token lifetimes: every
-    refresh is answered 204, every stream is alive at the end, no replica counted a
-    user_mismatch or an expired stream, each user's requests (stream, refreshes, reconnections)
-    all went to one replica, both replicas served users, and an EventSource-like reconnection
-    with the same token is a cache hit on that replica (one webhook call per token)."""
+@pytest.fixture(scope="module")
+def user_hash_run(fleet, webhook):
+    """One run of three token lifetimes behind the user-hash front, shared by the two tests below
+    (they overlap in time: the suite stays short): 20 users, one stream each (tokens on the header,
+    query and cookie channels), and one more user with two tabs opened at the same moment (the
+    parallel-EventSource case that defeated cookie affinity), one with ?token=, one with the
+    cookie. A stateless webhook: the token's own expiry."""
     webhook.default = Behaviour(verdict=own_expiry)
     front = fleet.front("user_hash")
     before = fleet.counters()
     clients = [EventSourceClient(front.port, u, partial(mint, ttl=LIFETIME), RUN, channel=("header", "query", "cookie")[i % 3])
                for i, u in enumerate(users("uh", STREAMS))]
+    (tab_user,) = users("tabs", 1)
+    tabs = [EventSourceClient(front.port, tab_user, partial(mint, ttl=LIFETIME), RUN, channel=ch) for ch in ("query", "cookie")]
     try:
-        run_all(clients, timeout=RUN + 20)
-        refreshes = [r for c in clients for r in c.refreshes]
-        alive = [c for c in clients if c.alive]
+        run_all(clients + tabs, timeout=RUN + 20)
     finally:
-        for c in clients:
+        for c in clients + tabs:
             c.close()
+    every = [r for c in clients + tabs for r in c.refreshes]
+    assert helpers.wait_until(lambda: fleet.delta(before, "revenprox_reauthorizations") == len(every), 5), \
+        (fleet.delta(before, "revenprox_reauthorizations"), len(every))
+    return {"clients": clients, "tabs": tabs, "tab_user": tab_user,
+            "user_mismatch": fleet.delta(before, "revenprox_denied_user_mismatch"),
+            "streams_expired": fleet.delta(before, "revenprox_streams_expired")}
+
+
+def test_user_hash_front_keeps_20_streams_alive_over_three_token_lifetimes(fleet, webhook, user_hash_run):
+    """20 users, 3 token lifetimes: every refresh is answered 204 (and re-authorizes), every
+    stream is alive at the end, no replica counted a user_mismatch or an expired stream, each
+    user's requests (stream, refreshes, reconnections) all went to one replica, both replicas
+    served users, and an EventSource-like reconnection with the same token is a cache hit on that
+    replica (one webhook call per token)."""
+    clients = user_hash_run["clients"]
+    refreshes = [r for c in clients for r in c.refreshes]
+    alive = [c for c in clients if c.alive]
     calls = reconnect_calls(clients, webhook)
     per_user = one_replica_per_user(fleet, clients)
     record("user_hash_20_streams", streams=len(clients), alive=len(alive), refreshes=split(refreshes),
@@ -228,38 +246,27 @@ def test_user_hash_front_keeps_20_streams_alive_over_three_token_lifetimes(fleet
     assert len(alive) == STREAMS, "\n".join(c.summary() for c in clients if not c.alive)
     assert all(len(c.refreshes) >= 4 for c in clients), "\n".join(c.summary() for c in clients)
     assert split(refreshes) == {"204": len(refreshes)}
-    assert helpers.wait_until(lambda: fleet.delta(before, "revenprox_reauthorizations") == len(refreshes), 5), \
-        fleet.delta(before, "revenprox_reauthorizations")
-    assert fleet.delta(before, "revenprox_denied_user_mismatch") == 0
-    assert fleet.delta(before, "revenprox_streams_expired") == 0
+    assert user_hash_run["user_mismatch"] == 0
+    assert user_hash_run["streams_expired"] == 0
     assert all(len(v) == 1 for v in per_user.values()), per_user
     assert {v[0] for v in per_user.values()} == {0, 1}, "20 users all hashed to one replica"
     assert calls == [1] * STREAMS, calls
 
 
-def test_user_hash_front_two_tabs_of_one_user_both_survive(fleet, webhook):
-    """One user, two streams on one topic opened at the same moment (the parallel-EventSource
-    case that defeated cookie affinity), one with ?token=, one with the cookie: both land on one
-    replica, every refresh is 204 and both are alive after three token lifetimes."""
-    webhook.default = Behaviour(verdict=own_expiry)
-    front = fleet.front("user_hash")
-    before = fleet.counters()
-    (user,) = users("tabs", 1)
-    tabs = [EventSourceClient(front.port, user, partial(mint, ttl=LIFETIME), RUN, channel=ch) for ch in ("query", "cookie")]
-    try:
-        run_all(tabs, timeout=RUN + 20)
-        refreshes = [r for t in tabs for r in t.refreshes]
-    finally:
-        for t in tabs:
-            t.close()
+def test_user_hash_front_two_tabs_of_one_user_both_survive(fleet, user_hash_run):
+    """One user, two streams on one topic opened at the same moment, one with ?token=, one with the
+    cookie: both land on one replica, every refresh is 204 and both are alive after three token
+    lifetimes."""
+    tabs, user = user_hash_run["tabs"], user_hash_run["tab_user"]
+    refreshes = [r for t in tabs for r in t.refreshes]
     per_user = one_replica_per_user(fleet, tabs)
     record("user_hash_two_tabs", streams=2, alive=sum(t.alive for t in tabs), refreshes=split(refreshes),
            replicas=per_user[user])
     assert all(t.alive for t in tabs), "\n".join(t.summary() for t in tabs)
     assert len(refreshes) >= 4 and split(refreshes) == {"204": len(refreshes)}, [t.summary() for t in tabs]
     assert len(per_user[user]) == 1, per_user
-    assert fleet.delta(before, "revenprox_denied_user_mismatch") == 0
-    assert fleet.delta(before, "revenprox_streams_expired") == 0
+    assert user_hash_run["user_mismatch"] == 0
+    assert user_hash_run["streams_expired"] == 0
 
 
 # ------------------------------------------------------------------------------------------------
