@@ -365,3 +365,51 @@ def test_the_access_log_says_how_a_stream_ended(envoys, webhook):
     line1 = aenv.wait_log(re.compile(rf"{m1}.* end=upstream_end"), access=True, timeout=5)
     line2 = aenv.wait_log(re.compile(rf"{m2}.* end=token_expired"), access=True, timeout=5)
     assert line1 and line2, aenv.access_log()[-2000:]
+
+
+# ==============================================================================================
+# Second attack run (SECURITY.md, findings 22-24)
+# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# 22. The token cookie reached the upstream on every path the filter passed without verifying
+# ----------------------------------------------------------------------------------------------
+def _seen_headers(upstream, m):
+    (seen,) = upstream.requests_containing(m)
+    return seen, {k.lower(): v for k, v in seen.headers}
+
+
+def test_the_token_cookie_never_reaches_the_upstream_on_any_path(envoys, env, webhook, upstream):
+    # Browsers send the cookie with every request to the origin: pages, API calls, static files.
+    tok = new_token("cookie-everywhere")
+    before = len(webhook.calls)
+    m = marker()
+    r = env.get(f"/app/page?{m}&token={tok}", {"Cookie": f"theme=dark; revenprox_token={tok}; lang=fr",
+                                               "Authorization": "Bearer app-own-session"})
+    assert r.status == 200, r
+    seen, headers = _seen_headers(upstream, m)
+    assert headers.get("cookie") == "theme=dark; lang=fr", headers
+    assert tok not in seen.path
+    # Off the topic paths Authorization is the application's own (the filter never read it there).
+    assert headers.get("authorization") == "Bearer app-own-session"
+    assert len(webhook.calls) == before
+    # Optional authentication and development mode pass requests without verifying them: the
+    # cookie goes there too, and so does Authorization on a topic path.
+    oenv = envoys.get({"jwt_verifier": {"require_authentication": False}}, name="optional-cookie")
+    m = marker()
+    assert oenv.get(f"/index.html?{m}", {"Cookie": f"revenprox_token={tok}"}).status == 200
+    assert "cookie" not in _seen_headers(upstream, m)[1]
+    denv = envoys.get(raw={"jwt_verifier": {"webhook_url": "", "require_authentication": False}}, name="dev-cookie")
+    m = marker()
+    r = denv.get(f"/events/news?{m}", {**bearer(tok), "Cookie": f"revenprox_token={tok}; lang=fr"})
+    assert r.status == 200, r
+    echo = r.first_event_json()["headers"]
+    assert "authorization" not in echo and echo.get("cookie") == "lang=fr", echo
+    m = marker()
+    assert denv.get(f"/static/app.js?{m}", {"Cookie": f"revenprox_token={tok}", "Authorization": "Basic YXBwOmFwcA=="}).status == 200
+    headers = _seen_headers(upstream, m)[1]
+    assert "cookie" not in headers and headers.get("authorization") == "Basic YXBwOmFwcA==", headers
+    # token.forward_to_upstream: true forwards both, on every path.
+    fenv = envoys.get({"token": {"forward_to_upstream": True}}, name="forward-cookie")
+    m = marker()
+    assert fenv.get(f"/app/page?{m}", {"Cookie": f"revenprox_token={tok}"}).status == 200
+    assert _seen_headers(upstream, m)[1].get("cookie") == f"revenprox_token={tok}"

@@ -98,6 +98,16 @@ pub fn stripped_path(cfg: &Config, path: &str) -> Option<String> {
     })
 }
 
+/// Whether `path` (query included) is outside the topic prefix in every reading an upstream may
+/// make of it: the test `admit` applies before a path may pass as `Step::Other`. A path that is not
+/// may be read as a topic path by some upstream.
+pub fn outside_prefix(cfg: &Config, path: &str) -> bool {
+    let (path_only, _) = split_query(path);
+    let prefix = &cfg.topic.path_prefix;
+    topic::segment(path_only, prefix).and_then(topic::id).is_none()
+        && !canonical::under_prefix(path_only, prefix)
+}
+
 pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
     let (path_only, query) = split_query(req.path);
     let reauth = is_challenge_response(req);
@@ -306,6 +316,11 @@ mod tests {
         let dev =
             config::parse(br#"{"jwt_verifier":{"webhook_url":"","require_authentication":false}}"#).unwrap();
         assert_eq!(run(&dev, "/anything?token=x", None), Step::Pass);
+        // A passed request is on a topic path unless no reading of it is under the prefix.
+        assert!(outside_prefix(&dev, "/anything?token=x"));
+        for path in ["/events/news", "/events/news?x=1", "/EVENTS/news", "//events/x", "/events/"] {
+            assert!(!outside_prefix(&dev, path), "{path}");
+        }
         let mut optional = cfg("");
         optional.verifier.require_authentication = false;
         assert_eq!(run(&optional, "/events/news", None), Step::Pass);

@@ -324,10 +324,12 @@ fn request<S: SharedStore + ?Sized>(
         }
         Step::Pass => {
             io.tally.inc(Metric::Allowed);
+            forwarding(io, ctx, headers, &cookies, !gate::outside_prefix(cfg, path));
             Flow::Continue
         }
         Step::Other => {
             io.tally.inc(Metric::OtherPaths);
+            forwarding(io, ctx, headers, &cookies, false);
             Flow::Continue
         }
         Step::Verify(v) => {
@@ -339,8 +341,8 @@ fn request<S: SharedStore + ?Sized>(
                 );
                 return Flow::Pause;
             }
-            if purpose == Purpose::Forward && !cfg.token.forward_to_upstream {
-                strip_credentials(io, ctx, headers, &cookies);
+            if purpose == Purpose::Forward {
+                forwarding(io, ctx, headers, &cookies, true);
             }
             let mut client_key = || downstream().as_deref().and_then(crate::resilience::clients::key);
             match verifier.begin(io, ctx, ctx, v, purpose, &mut client_key) {
@@ -395,11 +397,33 @@ fn same_header_name(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
-/// The credential stays with the filter (like `jwt_authn`'s `forward: false`): the
-/// `Authorization` header and the token cookie (only that cookie) are removed from a request the
-/// filter verifies for forwarding.
-fn strip_credentials<S: ?Sized>(io: &mut Io<S>, ctx: Ctx, headers: &[(String, Vec<u8>)], cookies: &[&[u8]]) {
-    if find(headers, "authorization").is_some() {
+/// What a request the filter forwards loses first (every forwarded request: verified, passed, or
+/// on another path). `topic`: the path may be read as a topic path (`gate::outside_prefix`).
+fn forwarding<S: ?Sized>(
+    io: &mut Io<S>,
+    ctx: Ctx,
+    headers: &[(String, Vec<u8>)],
+    cookies: &[&[u8]],
+    topic: bool,
+) {
+    if !io.cfg.token.forward_to_upstream {
+        strip_credentials(io, ctx, headers, cookies, topic);
+    }
+}
+
+/// The credential stays with the filter (like `jwt_authn`'s `forward: false`). The token cookie
+/// (only that cookie) exists only for the filter, and browsers send it with every request to the
+/// origin: it is removed from every forwarded request. The `Authorization` header is removed on
+/// topic paths; elsewhere it may be the application's own authentication, which the filter neither
+/// reads nor touches there (like `jwt_authn`, which leaves requests its rules do not match alone).
+fn strip_credentials<S: ?Sized>(
+    io: &mut Io<S>,
+    ctx: Ctx,
+    headers: &[(String, Vec<u8>)],
+    cookies: &[&[u8]],
+    topic: bool,
+) {
+    if topic && find(headers, "authorization").is_some() {
         io.out.push(Effect::RemoveRequestHeader { ctx, name: "authorization".to_string() });
     }
     let name = &io.cfg.token.cookie;

@@ -786,6 +786,91 @@ fn no_spelling_of_the_identity_header_survives_and_credentials_stay_with_the_fil
     assert!(!keep.take().iter().any(|e| matches!(e, Effect::RemoveRequestHeader { .. })));
 }
 
+/// Second attack run, finding 22: the token cookie reached the upstream on every path the filter
+/// passed without verifying (another path, optional authentication without a token, development
+/// mode), and `Authorization` on topic paths it passed.
+#[test]
+fn the_token_cookie_leaves_every_forwarded_request_and_authorization_every_topic_path() {
+    let with = |path: &str, auth: Option<&str>| {
+        let mut headers = vec![(":method".to_string(), b"GET".to_vec()), (":path".to_string(), path.into())];
+        if let Some(auth) = auth {
+            headers.push(("authorization".into(), auth.as_bytes().to_vec()));
+        }
+        headers.push(("cookie".into(), b"theme=dark; revenprox_token=secret".to_vec()));
+        headers.push(("cookie".into(), b"lang=fr".to_vec()));
+        headers
+    };
+    let cookie_kept =
+        |ctx| Effect::SetRequestHeader { ctx, name: "cookie".into(), value: b"theme=dark; lang=fr".to_vec() };
+    let authorization_removed = |ctx| Effect::RemoveRequestHeader { ctx, name: "authorization".into() };
+    // Another path: the token cookie and the token parameter go; Authorization (there, the
+    // application's own) stays.
+    let mut h = Host::new(cfg(r#","topic":{"other_paths":"pass"}"#), MemStore::new());
+    assert_eq!(h.request(260, &with("/api/me?token=x&q=1", Some("Bearer app-session"))), Flow::Continue);
+    let effects = h.take();
+    assert!(effects.contains(&cookie_kept(260)), "{effects:?}");
+    assert!(!effects.contains(&authorization_removed(260)), "{effects:?}");
+    assert!(effects.contains(&Effect::SetRequestHeader {
+        ctx: 260,
+        name: ":path".into(),
+        value: b"/api/me?q=1".to_vec()
+    }));
+    // Only the token cookie there: the header goes.
+    let mut alone = with("/app/page", None);
+    alone.truncate(2);
+    alone.push(("cookie".into(), b"revenprox_token=secret".to_vec()));
+    assert_eq!(h.request(261, &alone), Flow::Continue);
+    assert!(h.take().contains(&Effect::RemoveRequestHeader { ctx: 261, name: "cookie".into() }));
+    // Optional authentication, a topic path without a usable token (an empty token cookie).
+    let mut optional = Host::new(
+        cfg(
+            r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","require_authentication":false}"#,
+        ),
+        MemStore::new(),
+    );
+    let mut empty = with("/events/news", None);
+    empty.truncate(2);
+    empty.push(("cookie".into(), b"a=1; revenprox_token=".to_vec()));
+    assert_eq!(optional.request(262, &empty), Flow::Continue);
+    let effects = optional.take();
+    assert!(
+        effects.contains(&Effect::SetRequestHeader {
+            ctx: 262,
+            name: "cookie".into(),
+            value: b"a=1".to_vec()
+        }),
+        "{effects:?}"
+    );
+    // Development mode passes everything: on a topic path both credentials go, elsewhere the
+    // token cookie only.
+    let mut dev = Host::new(
+        config::parse(br#"{"jwt_verifier":{"webhook_url":"","require_authentication":false}}"#).unwrap(),
+        MemStore::new(),
+    );
+    assert_eq!(dev.request(263, &with("/events/news", Some("Bearer secret"))), Flow::Continue);
+    let effects = dev.take();
+    assert!(
+        effects.contains(&authorization_removed(263)) && effects.contains(&cookie_kept(263)),
+        "{effects:?}"
+    );
+    assert_eq!(dev.request(264, &with("/index.html", Some("Bearer app-session"))), Flow::Continue);
+    let effects = dev.take();
+    assert!(
+        !effects.contains(&authorization_removed(264)) && effects.contains(&cookie_kept(264)),
+        "{effects:?}"
+    );
+    // With forward_to_upstream both go on, everywhere.
+    let mut keep = Host::new(
+        cfg(r#","topic":{"other_paths":"pass"},"token":{"forward_to_upstream":true}"#),
+        MemStore::new(),
+    );
+    assert_eq!(keep.request(265, &with("/api/me", Some("Bearer app-session"))), Flow::Continue);
+    assert!(!keep
+        .take()
+        .iter()
+        .any(|e| matches!(e, Effect::RemoveRequestHeader { .. } | Effect::SetRequestHeader { .. })));
+}
+
 #[test]
 fn one_client_cannot_drain_the_budget_of_the_others() {
     // Finding 4: rate 20/s; one address floods distinct forged tokens at 5x the rate, another
