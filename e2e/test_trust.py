@@ -5,17 +5,22 @@ Client addresses: Envoy sees 127.0.0.x as distinct clients (the template takes t
 address from the connection's peer, use_remote_address: true), so a test binds its client sockets
 to 127.0.0.2, 127.0.0.3, ... to play different clients.
 """
+import base64
 import concurrent.futures
 import json
+import random
 import re
 import socket
 import threading
 import time
+import zlib
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 import helpers
 from helpers import Stream, h2_get, marker, new_token, sub_of, wait_until
+from servers.httpbase import QuietServer
 from servers.jwtutil import b64url
 from servers.webhook import Behaviour, invalid, valid
 from test_core import NEWS, assert_allowed, assert_error, assert_not_forwarded, bearer
@@ -413,3 +418,133 @@ def test_the_token_cookie_never_reaches_the_upstream_on_any_path(envoys, env, we
     m = marker()
     assert fenv.get(f"/app/page?{m}", {"Cookie": f"revenprox_token={tok}"}).status == 200
     assert _seen_headers(upstream, m)[1].get("cookie") == f"revenprox_token={tok}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 23. Plaintext injections in a gzip-compressed event stream
+# ----------------------------------------------------------------------------------------------
+class _GzipEvents(BaseHTTPRequestHandler):
+    """An upstream that compresses its event stream whatever the request says (gzip, flushed per
+    event, as Express's `compression` does), then stays open until the client goes away."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.server.accept_encoding.append(self.headers.get("accept-encoding"))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-encoding", "gzip")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+        def send(event):
+            out = z.compress(event) + z.flush(zlib.Z_SYNC_FLUSH)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(out), out))
+            self.wfile.flush()
+            self.server.sent.append(event)
+
+        try:
+            send(b"data: one\n\n")
+            time.sleep(1.5)  # a heartbeat falls due (heartbeat_interval_sec 1) and waits for a boundary
+            # An event whose compressed bytes contain LF LF: where a plaintext framing sees an end.
+            rnd = random.Random(7)
+            for _ in range(5000):
+                event = b"data: " + base64.b64encode(rnd.randbytes(600)) + b"\n\n"
+                c = z.copy()
+                if b"\n\n" in c.compress(event) + c.flush(zlib.Z_SYNC_FLUSH):
+                    break
+            send(event)
+            while not self.server.stop.wait(0.5):
+                send(b": keep-alive\n\n")
+        except (BrokenPipeError, ConnectionError):
+            pass
+
+
+def _gzip_upstream():
+    srv = QuietServer(("127.0.0.1", 0), _GzipEvents)
+    srv.sent, srv.accept_encoding, srv.stop = [], [], threading.Event()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_a_compressed_event_stream_is_never_written_into_and_ends_with_its_token(webhook):
+    srv = _gzip_upstream()
+    env = helpers.Envoy(helpers.plugin_config({"sse": {"heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 2}}),
+                        webhook_port=webhook.port, upstream_port=srv.server_address[1], name="gzip-events")
+    try:
+        env.start()
+        tok = new_token("gzip")
+        webhook.program(tok, valid("gzip-user", ttl=5))
+        m = marker()
+        with Stream(env.port, f"/events/news?{m}", {**bearer(tok), "accept-encoding": "gzip"}, timeout=15) as s:
+            assert s.status == 200 and s.header("content-encoding") == "gzip"
+            t0 = time.monotonic()
+            assert s.read_until(None, timeout=12), "the stream outlived its token"
+            assert time.monotonic() - t0 < 9, "the stream outlived its token"
+            raw = s.body
+        # The client asked for gzip; the filter asked the upstream for none (this upstream ignores it).
+        assert srv.accept_encoding == [None]
+        # Not one byte written into the stream: what arrived is what the upstream sent, and decodes.
+        assert b": heartbeat" not in raw and b"event:" not in raw
+        text = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw)
+        assert text == b"".join(srv.sent)[:len(text)] and text.startswith(b"data: one\n\n")
+        assert len(text) > 600, "the event whose compressed bytes hold LF LF arrived whole"
+        assert env.stats().get("revenprox_streams_encoded") == 1
+        assert env.wait_log("arrived with content-encoding \"gzip\"", timeout=5)
+        assert env.wait_log(re.compile(rf"{m}.* end=token_expired"), access=True, timeout=5)
+    finally:
+        srv.stop.set()
+        env.stop()
+        srv.shutdown()
+        srv.server_close()
+
+
+COMPRESSOR = """          http_filters:
+          - name: envoy.filters.http.compressor
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor
+              response_direction_config:
+                common_config:
+                  content_type_matcher: [{prefix: "text/event-stream"}]
+              compressor_library:
+                name: gzip
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip
+"""
+
+
+def test_envoys_compressor_before_the_filter_compresses_its_injections_too(webhook, upstream):
+    # README's advice, on a real Envoy: the compressor first in http_filters sees the client's
+    # Accept-Encoding; the filter removes it, so the upstream sends plain text, the filter writes
+    # into that, and on the way back the compressor (after the filter) compresses all of it.
+    env = helpers.Envoy(helpers.plugin_config({"sse": {"heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 2}}),
+                        webhook_port=webhook.port, upstream_port=upstream.port, name="compressor-first")
+    text = env.yaml_path.read_text()
+    assert text.count("          http_filters:\n") == 1
+    env.yaml_path.write_text(text.replace("          http_filters:\n", COMPRESSOR))
+    try:
+        env.start()
+        tok = new_token("compressed")
+        webhook.program(tok, valid("compressed-user", ttl=4))
+        with Stream(env.port, "/events/news", {**bearer(tok), "accept-encoding": "gzip",
+                                               "x-upstream-mode": "silent"}, timeout=12) as s:
+            assert s.status == 200 and s.header("content-encoding") == "gzip", s.headers
+            # Each piece decodes as it arrives (the compressor flushes every chunk it compresses).
+            d, plain, seen = zlib.decompressobj(16 + zlib.MAX_WBITS), bytearray(), [0]
+
+            def decoded(_):
+                plain.extend(d.decompress(s.body[seen[0]:]))
+                seen[0] = len(s.body)
+                return b"event: expired" in plain
+
+            assert s.read_until(decoded, timeout=10), bytes(plain)
+        assert plain.count(b": heartbeat\n\n") >= 1, plain
+        assert b"event: challenge\n" in plain and b'event: expired\ndata: {"reason":"token_expired"}\n\n' in plain
+        echo = json.loads(plain.split(b"\n\n")[0].split(b"data: ", 1)[1])
+        assert "accept-encoding" not in echo["headers"], echo["headers"]
+        assert env.stats().get("revenprox_streams_encoded") == 0
+    finally:
+        env.stop()

@@ -56,9 +56,10 @@ pub enum Metric {
     ClientCircuitOpened,
     ClientCircuitRejected,
     UserIdNotSub,
+    StreamsEncoded,
 }
 
-pub const ALL: [Metric; 40] = [
+pub const ALL: [Metric; 41] = [
     Metric::Requests,
     Metric::Allowed,
     Metric::DeniedMissingToken,
@@ -99,6 +100,7 @@ pub const ALL: [Metric; 40] = [
     Metric::ClientCircuitOpened,
     Metric::ClientCircuitRejected,
     Metric::UserIdNotSub,
+    Metric::StreamsEncoded,
 ];
 
 impl Metric {
@@ -144,6 +146,7 @@ impl Metric {
             Metric::ClientCircuitOpened => "revenprox_client_circuit_opened",
             Metric::ClientCircuitRejected => "revenprox_client_circuit_rejected",
             Metric::UserIdNotSub => "revenprox_user_id_not_sub",
+            Metric::StreamsEncoded => "revenprox_streams_encoded",
         }
     }
 

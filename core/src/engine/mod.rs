@@ -399,6 +399,10 @@ fn same_header_name(a: &str, b: &str) -> bool {
 
 /// What a request the filter forwards loses first (every forwarded request: verified, passed, or
 /// on another path). `topic`: the path may be read as a topic path (`gate::outside_prefix`).
+///
+/// On a topic path `Accept-Encoding` goes too: the filter writes plain text between upstream
+/// events, so the upstream must send the stream uncompressed (Envoy's compressor filter placed
+/// before this one compresses what the client receives, injections included).
 fn forwarding<S: ?Sized>(
     io: &mut Io<S>,
     ctx: Ctx,
@@ -406,6 +410,9 @@ fn forwarding<S: ?Sized>(
     cookies: &[&[u8]],
     topic: bool,
 ) {
+    if topic && find(headers, "accept-encoding").is_some() {
+        io.out.push(Effect::RemoveRequestHeader { ctx, name: "accept-encoding".to_string() });
+    }
     if !io.cfg.token.forward_to_upstream {
         strip_credentials(io, ctx, headers, cookies, topic);
     }

@@ -95,6 +95,10 @@ struct Live {
     held: bool,
     /// `event: expired` went out; the stream is ended at this time (after the bytes are flushed).
     close_at_ms: Option<u64>,
+    /// The upstream compressed the stream (`content-encoding` other than `identity`): nothing can
+    /// be written into it, so nothing is; it still ends at its expiry, its maximum duration or its
+    /// revocation (without `event: expired`).
+    encoded: bool,
 }
 
 /// A re-verification the engine must start (the verifier is not the streams' to call).
@@ -159,6 +163,16 @@ fn is_event_stream(value: Option<&[u8]>) -> bool {
 
 fn find<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+}
+
+/// The response's content coding when it is not `identity` (every `content-encoding` header, every
+/// comma-separated coding in it).
+fn content_coding(headers: &[(String, Vec<u8>)]) -> Option<&[u8]> {
+    headers.iter().filter(|(k, _)| k == "content-encoding").map(|(_, v)| v.as_slice()).find(|v| {
+        v.split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"))
+    })
 }
 
 /// Takes the Envoy-wide refresh record of `auth`'s user and topic if it was posted while the stream
@@ -259,8 +273,22 @@ impl Streams {
         if find(headers, ":status") != Some(b"200") || !is_event_stream(find(headers, "content-type")) {
             return;
         }
+        let encoded = content_coding(headers).map(|coding| {
+            // Not ours to decode: a compressed stream gets no injection (the upstream was asked for
+            // none: `Accept-Encoding` is removed on topic paths), and the operator hears of it.
+            let shown: String = String::from_utf8_lossy(coding).chars().take(32).collect();
+            let topic = identity.as_ref().map_or("-", |i| i.topic_id.as_str());
+            let line = format!(
+                "revenprox: an event stream (topic {topic}) arrived with content-encoding {shown:?}: \
+                 no heartbeat, challenge or expired event can go into it; it is ended at its expiry \
+                 without one (have the upstream send it uncompressed; to compress, put Envoy's \
+                 compressor filter before this one)"
+            );
+            io.log(Level::Warn, line);
+            io.tally.inc(Metric::StreamsEncoded);
+        });
         // Injected bytes change the length: let Envoy frame the body itself.
-        if find(headers, "content-length").is_some() {
+        if encoded.is_none() && find(headers, "content-length").is_some() {
             io.out.push(Effect::RemoveResponseHeader { ctx, name: "content-length" });
         }
         let now_ms = io.now_ms;
@@ -294,6 +322,7 @@ impl Streams {
             writing: None,
             held: false,
             close_at_ms: None,
+            encoded: encoded.is_some(),
         };
         let deadline = if live.auth.is_some() { Some(now_ms) } else { live.session.next_deadline_ms() };
         self.live.insert(ctx, live);
@@ -319,6 +348,13 @@ impl Streams {
         if live.session.finished() {
             // `event: expired` went out: nothing of the upstream follows it.
             io.out.push(Effect::ReplaceChunk { ctx, size, bytes: Vec::new() });
+            return Flow::Continue;
+        }
+        if live.encoded {
+            // Compressed bytes are not read, held or written into.
+            if end_of_stream {
+                io.out.push(Effect::SetEnd { ctx, reason: "upstream_end" });
+            }
             return Flow::Continue;
         }
         // With nothing waiting to be injected only the chunk's end state matters: read its last bytes
@@ -461,7 +497,14 @@ impl Streams {
                     want(at);
                 }
             }
-            if let Some(due) = live.session.due(now_ms) {
+            let due = live.session.due(now_ms);
+            if let (true, Some(skipped @ (Injection::Heartbeat | Injection::Challenge))) = (live.encoded, due)
+            {
+                // A compressed stream gets no challenge (and no heartbeat: its bytes are not read,
+                // so the clock never starts). Its end is due like any other stream's, and comes
+                // without the event: it is never held.
+                live.session.mark_sent(skipped, now_ms);
+            } else if let Some(due) = due {
                 // At the expiry, one last look for a refresh posted on another worker.
                 let adopted = matches!(due, Injection::Expired(ExpiryReason::TokenExpired))
                     && live.pending.is_none()

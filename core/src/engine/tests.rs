@@ -871,6 +871,108 @@ fn the_token_cookie_leaves_every_forwarded_request_and_authorization_every_topic
         .any(|e| matches!(e, Effect::RemoveRequestHeader { .. } | Effect::SetRequestHeader { .. })));
 }
 
+/// Second attack run, finding 23: the filter wrote plaintext heartbeats and events into a
+/// gzip-compressed event stream. A compressed stream is never written into, and still ends at its
+/// expiry, its maximum duration and its revocation (without the event it cannot carry).
+#[test]
+fn a_compressed_event_stream_gets_no_injection_and_still_ends_on_time() {
+    let gzip = || {
+        let mut headers = sse_response();
+        headers.push(("content-encoding".into(), b"gzip".to_vec()));
+        headers.push(("content-length".into(), b"99".to_vec()));
+        headers
+    };
+    let open = |h: &mut Host, ctx: Ctx, token: &str, ttl: u64, response: Vec<(String, Vec<u8>)>| {
+        h.request(ctx, &get("/events/news", token));
+        let (call, _) = h.pending_calls()[0];
+        h.answer(call, 200, &verdict("zoe", ttl));
+        h.engine.response_headers(ctx, &response, h.now);
+        h.run();
+    };
+    let written = |effects: &[Effect]| {
+        effects.iter().any(|e| {
+            matches!(e, Effect::Inject { .. } | Effect::ReplaceChunk { .. } | Effect::Enqueue { .. })
+        })
+    };
+    let ended = |effects: &[Effect], ctx: Ctx, reason: &'static str| {
+        effects.contains(&Effect::SetEnd { ctx, reason }) && effects.contains(&Effect::Close { ctx })
+    };
+    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":5,"max_connection_sec":30,"reverify_interval_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    // Token expiry: the bytes pass as they are, nothing is injected (no heartbeat, no challenge),
+    // and at the expiry the stream is ended without the event.
+    open(&mut h, 600, &jwt("zoe", 10), 10, gzip());
+    let effects = h.take();
+    assert!(!effects.iter().any(|e| matches!(e, Effect::RemoveResponseHeader { .. })), "{effects:?}");
+    assert_eq!(h.metric(Metric::StreamsEncoded), 1);
+    for step in 0..9u64 {
+        h.tick_until(T0 + step * 1_000 + 500);
+        assert_eq!(h.body(600, b"\x1f\x8b\x08\n\n: not a boundary\n\n", false), Flow::Continue);
+    }
+    h.tick_until(T0 + 9_990);
+    let effects = h.take();
+    assert!(!written(&effects) && !ended(&effects, 600, "token_expired"), "{effects:?}");
+    h.tick_until(T0 + 10_050);
+    assert!(ended(&h.take(), 600, "token_expired"));
+    assert_eq!((h.metric(Metric::HeartbeatsSent), h.metric(Metric::ChallengesSent)), (0, 0));
+    assert_eq!(h.metric(Metric::StreamsExpired), 1);
+    // Maximum duration: a stream whose token outlives it.
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    open(&mut h, 610, &jwt("zoe", 3_600), 3_600, gzip());
+    h.body(610, b"\x1f\x8b", false);
+    h.tick_until(T0 + 30_050);
+    let effects = h.take();
+    assert!(!written(&effects) && ended(&effects, 610, "max_duration"), "{effects:?}");
+    // Revocation: the re-verification refuses the credential.
+    let revoke = r#","sse":{"heartbeat_interval_sec":1,"reverify_interval_sec":5}"#;
+    let mut h = Host::new(cfg(revoke), MemStore::new());
+    open(&mut h, 620, &jwt("zoe", 3_600), 3_600, gzip());
+    h.tick_until(T0 + 5_000);
+    let (call, _) = h.pending_calls()[0];
+    h.answer(call, 200, DENY);
+    h.tick_until(h.now + 40);
+    let effects = h.take();
+    assert!(!written(&effects) && ended(&effects, 620, "revoked"), "{effects:?}");
+    assert_eq!(h.metric(Metric::StreamsRevoked), 1);
+    // `identity` (any case, in a list) is no compression: injections as usual.
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    let mut plain = sse_response();
+    plain.push(("content-encoding".into(), b" Identity , identity".to_vec()));
+    open(&mut h, 630, &jwt("zoe", 3_600), 3_600, plain);
+    assert_eq!(h.body(630, b"data: a\n\n", false), Flow::Pause);
+    h.release(630);
+    h.tick_until(h.now + 1_100);
+    assert!(injected(&h.take(), b": heartbeat"));
+    assert_eq!(h.metric(Metric::StreamsEncoded), 0);
+}
+
+/// The upstream is asked for an uncompressed body on topic paths only.
+#[test]
+fn accept_encoding_leaves_topic_requests_only() {
+    let accepting = |mut headers: Vec<(String, Vec<u8>)>| {
+        headers.push(("accept-encoding".into(), b"gzip, br".to_vec()));
+        headers
+    };
+    let removed = |ctx| Effect::RemoveRequestHeader { ctx, name: "accept-encoding".into() };
+    let mut h = Host::new(
+        cfg(r#","topic":{"other_paths":"pass"},"token":{"forward_to_upstream":true}"#),
+        MemStore::new(),
+    );
+    h.request(640, &accepting(get("/events/news", &jwt("yves", 600))));
+    assert!(h.take().contains(&removed(640)));
+    let other = vec![(":method".to_string(), b"GET".to_vec()), (":path".to_string(), b"/app.js".to_vec())];
+    assert_eq!(h.request(641, &accepting(other)), Flow::Continue);
+    assert!(!h.take().contains(&removed(641)));
+    let mut dev = Host::new(
+        config::parse(br#"{"jwt_verifier":{"webhook_url":"","require_authentication":false}}"#).unwrap(),
+        MemStore::new(),
+    );
+    let anonymous =
+        vec![(":method".to_string(), b"GET".to_vec()), (":path".to_string(), b"/events/news".to_vec())];
+    assert_eq!(dev.request(642, &accepting(anonymous)), Flow::Continue);
+    assert!(dev.take().contains(&removed(642)));
+}
+
 #[test]
 fn one_client_cannot_drain_the_budget_of_the_others() {
     // Finding 4: rate 20/s; one address floods distinct forged tokens at 5x the rate, another
