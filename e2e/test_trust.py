@@ -548,3 +548,45 @@ def test_envoys_compressor_before_the_filter_compresses_its_injections_too(webho
         assert env.stats().get("revenprox_streams_encoded") == 0
     finally:
         env.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# 24. Two client addresses drained the webhook budget; three opened the circuit with 4xx
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flooders", [2, 4])
+def test_several_addresses_cannot_drain_the_webhook_budget(envoys, webhook, flooders):
+    # Each address's share defaulted to half the budget: two addresses within their shares took
+    # all of it. Now `flooders` addresses at 5x the rate each; a third sends fresh valid tokens.
+    benv = envoys.get({"jwt_verifier": {"rate_limit_per_sec": 10}}, name="trust-budget-several")
+    webhook.default = invalid()  # forged tokens: the webhook refuses them (after a call)
+    base = 20 + 10 * flooders  # addresses of their own for each run
+    stop = time.monotonic() + 3.0
+
+    def flood_loop(i):
+        sent, verified, t0 = 0, 0, time.monotonic()
+        while time.monotonic() < stop and sent < 300:  # 50 requests per second: 5x the rate
+            r = benv.get("/events/news", bearer(forged_token(100_000 * flooders + 1_000 * i + sent)),
+                         source=f"127.0.0.{base + i}", timeout=3)
+            sent, verified = sent + 1, verified + (r.status == 401)
+            time.sleep(max(0.0, t0 + sent * 0.02 - time.monotonic()))
+        return sent, verified
+
+    fair = []
+
+    def fair_loop():
+        time.sleep(0.5)  # the floods have drained the initial budget
+        for i in range(10):
+            tok = new_token(f"light{flooders}-{i}")
+            webhook.program(tok, valid(f"light{i}"))
+            fair.append(benv.get("/events/news", bearer(tok), source=f"127.0.0.{base + 9}", timeout=3).status)
+            time.sleep(0.2)
+
+    with concurrent.futures.ThreadPoolExecutor(flooders + 1) as ex:
+        floods = [ex.submit(flood_loop, i) for i in range(flooders)]
+        ex.submit(fair_loop).result(timeout=30)
+        floods = [f.result(timeout=30) for f in floods]
+    print(f"{flooders} flooding addresses (sent, verified):", floods, "light client:", fair)
+    assert all(sent >= 100 for sent, _ in floods), floods  # each really ran at several times the rate
+    assert fair.count(200) >= 9, f"fresh valid tokens of a third address: {fair}"
+    # The floods together got no more than the rate (10/s for ~3 s, plus the initial bucket).
+    assert sum(v for _, v in floods) <= 10 * 4 + 10, floods

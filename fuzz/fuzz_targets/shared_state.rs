@@ -10,13 +10,16 @@
 //! refresh record re-encode to the bytes they came from; a presence bucket never holds more than
 //! `PER_BUCKET` records, and a count change is exact (+1 then -1 is back to the same count); slots are in range; a bucket never allows
 //! more than its capacity and its write never exceeds capacity; the breaker never rejects with a
-//! zero wait and only a probe closes it from half-open.
+//! zero wait and only a probe closes it from half-open; a client record round-trips, charging its
+//! share takes at most one token and never adds any, what it reports used is a fraction, a client
+//! that asked for nothing has no floor, and a full Envoy-wide bucket serves any client.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use revenprox::auth::cache;
 use revenprox::resilience::breaker::{self, Admit, Settings};
+use revenprox::resilience::clients;
 use revenprox::resilience::limiter::Bucket;
 use revenprox::slots;
 use revenprox::sse::{presence, refresh};
@@ -126,6 +129,24 @@ fuzz_target!(|x: Input| {
                 panic!("a result changed an open breaker");
             }
         }
+    }
+
+    // A client's share of the budget, and its floor in the Envoy-wide bucket.
+    let share = x.threshold;
+    let mut record =
+        clients::Record::decode(&x.a).unwrap_or_else(|| clients::Record::new([7; 32], share, x.open_ms));
+    assert_eq!(clients::Record::decode(&record.encode()), Some(record));
+    let rate = x.rate.max(1);
+    assert_eq!(clients::floor(0, rate), 0, "a client that asked for nothing has no floor");
+    for _ in 0..x.takes % 8 {
+        let capacity = u64::from(share.max(1)) * 1000;
+        let before = record.bucket.level(share, now).min(capacity);
+        let used = clients::charge(&mut record, share, now);
+        let after = record.bucket.level(share, now);
+        assert!(used <= 1000, "used {used} thousandths of a share");
+        assert!(after <= before && before - after <= 1000, "a charge takes one token at most");
+        let full = Bucket::full(rate, now).take_above(rate, now, clients::floor(used, rate));
+        assert!(full.allowed, "a full bucket refused a client that used {used}");
     }
 
     // Rate-limit bucket.

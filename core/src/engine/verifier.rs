@@ -313,16 +313,21 @@ impl Verifier {
         // once, and never opens the circuit for the others.
         let client_rate = io.cfg.verifier.rate_limit_per_client_per_sec;
         v.client = if purpose == Purpose::Reverify { None } else { client() };
+        // How much of its share the client asked for in the last second (its priority for the
+        // budget below); this verification is charged to it, whatever comes of it.
+        let mut used = 0;
         if let Some(ck) = v.client {
             let settings = client_breaker_settings(io.cfg);
-            let admit = shared::client_update(io.store, &ck, client_rate, now_ms, |r| {
+            let admitted = shared::client_update(io.store, &ck, client_rate, now_ms, |r| {
+                let used = clients::charge(r, client_rate, now_ms);
                 let (admit, next) = breaker::admit(r.breaker, now_ms, &settings);
                 if let Some(next) = next {
                     r.breaker = next;
                 }
-                admit
+                (admit, used)
             });
-            match admit {
+            used = admitted.map_or(0, |(_, used)| used);
+            match admitted.map(|(admit, _)| admit) {
                 Some(Admit::Reject { retry_after_ms }) => {
                     io.tally.inc(Metric::ClientCircuitRejected);
                     let reply =
@@ -350,17 +355,10 @@ impl Verifier {
                 return done(&v, Verdicted::Refused(reply));
             }
         };
-        // The budget: within its share a client takes from the Envoy-wide bucket as usual; past
-        // it, only while more than half of that bucket is left (the half the others rely on).
+        // The budget: a client takes from the Envoy-wide bucket only while at least the fraction of
+        // its share it asked for is left there (the filter's own re-verifications: always).
         let rate = io.cfg.verifier.rate_limit_per_sec;
-        let within = v.client.is_none_or(|ck| {
-            clients::within_share(
-                &shared::client_get(io.store, &ck, client_rate, now_ms),
-                client_rate,
-                now_ms,
-            )
-        });
-        let (take, flip) = shared::limiter_take(io.store, rate, clients::floor(within, rate), now_ms);
+        let (take, flip) = shared::limiter_take(io.store, rate, clients::floor(used, rate), now_ms);
         match flip {
             Some(true) => io.log(
                 Level::Warn,
@@ -379,13 +377,6 @@ impl Verifier {
             let reply = Reply::new(Code::RateLimited, "too many verifications, retry later")
                 .retry_after(secs_ceil(take.wait_ms));
             return done(&v, Verdicted::Refused(reply));
-        }
-        if let (Some(ck), true) = (v.client, within) {
-            shared::client_update(io.store, &ck, client_rate, now_ms, |r| {
-                if let Some(b) = r.bucket.take(client_rate, now_ms).write {
-                    r.bucket = b;
-                }
-            });
         }
         if purpose == Purpose::Reverify {
             io.tally.inc(Metric::Reverifications);

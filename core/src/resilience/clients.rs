@@ -4,10 +4,14 @@
 //! A client address is the downstream address as Envoy sees it (so its `X-Forwarded-For` trust
 //! settings apply): an IPv4 address, or an IPv6 /64 (one host gets a whole /64 to pick from).
 //!
-//! - **Budget.** Each client has a bucket of `rate_limit_per_client_per_sec`. A verification within
-//!   the client's share takes from the Envoy-wide bucket as usual; one past it takes only while more
-//!   than half the Envoy-wide bucket is left. So a client alone can use the whole budget, but a
-//!   flood from one address can never take the half that clients within their share rely on.
+//! - **Budget.** Each client has a bucket of `rate_limit_per_client_per_sec` (its share), charged
+//!   for every verification it asks for, served or refused: how empty it is says how much of its
+//!   share the client asked for in the last second. A client takes from the Envoy-wide bucket only
+//!   while at least that fraction of the Envoy-wide bucket is left: a client that asked for little
+//!   takes whenever a token is there, one at or past its share only when the bucket is full. So a
+//!   client alone still gets the whole rate (it takes each token as the bucket refills), and no
+//!   number of busy addresses can starve one that asks for little: they leave the bucket full
+//!   for it.
 //! - **Circuit.** Consecutive failed verifications of one client open that client's circuit (same
 //!   threshold and timeout as the Envoy-wide one, see `breaker`), and count towards the Envoy-wide
 //!   circuit only together with failures of other clients.
@@ -112,19 +116,26 @@ impl crate::slots::Slotted for Record {
     }
 }
 
-/// Whether a verification of this client is within its share at `now_ms`.
-pub fn within_share(record: &Record, rate: u32, now_ms: u64) -> bool {
-    record.bucket.level(rate, now_ms) >= 1000
+/// Charges one verification the client asks for to its share (`rate` per second; an empty share
+/// stays empty). Returns how much of its share the client had asked for in the last second before
+/// this one, in thousandths (0: nothing, 1000: all of it or more).
+pub fn charge(record: &mut Record, rate: u32, now_ms: u64) -> u64 {
+    let capacity = u64::from(rate.max(1)) * 1000;
+    let level = record.bucket.level(rate, now_ms).min(capacity);
+    record.bucket = Bucket {
+        milli_tokens: level.saturating_sub(1000),
+        last_ms: now_ms.max(record.bucket.last_ms),
+        limiting: false,
+        refused_ms: 0,
+    };
+    (capacity - level) * 1000 / capacity
 }
 
-/// The floor of the Envoy-wide bucket for a verification: none within the client's share, half
-/// the bucket past it.
-pub fn floor(within_share: bool, rate: u32) -> u64 {
-    if within_share {
-        0
-    } else {
-        u64::from(rate) * 500
-    }
+/// The floor of the Envoy-wide bucket (`rate` per second) for a client that had asked for `used`
+/// thousandths of its share: it takes only while at least that fraction of the bucket is there.
+/// Always below a full bucket's level minus one token, so a full bucket serves any client.
+pub fn floor(used: u64, rate: u32) -> u64 {
+    (u64::from(rate.max(1)) * used.min(1000)).saturating_sub(1000)
 }
 
 #[cfg(test)]
@@ -153,44 +164,73 @@ mod tests {
         assert_eq!(Record::decode(b"x"), None);
     }
 
-    /// A flood from one address at five times the rate, and a client within its share: the
-    /// client within its share is always served.
-    #[test]
-    fn a_flood_cannot_take_the_reserve() {
+    /// Ten seconds of `flooders` addresses asking 100 times a second each (5x the rate of 20), and
+    /// a client asking every 250 ms (half its share): (fair served, fair asked, flood served).
+    fn simulate(flooders: u8) -> (usize, usize, usize) {
         let rate = 20;
         let client_rate = rate / 2;
         let mut global = Bucket::full(rate, 0);
-        let mut flood = Record::new([1; 32], client_rate, 0);
-        let mut fair = Record::new([2; 32], client_rate, 0);
+        let mut flood: Vec<Record> = (0..flooders).map(|i| Record::new([i; 32], client_rate, 0)).collect();
+        let mut fair = Record::new([200; 32], client_rate, 0);
         let (mut fair_ok, mut fair_sent, mut flood_ok) = (0, 0, 0);
         let take = |global: &mut Bucket, c: &mut Record, now: u64| -> bool {
-            let within = within_share(c, client_rate, now);
-            let t: Take = global.take_above(rate, now, floor(within, rate));
+            let used = charge(c, client_rate, now);
+            let t: Take = global.take_above(rate, now, floor(used, rate));
             if let Some(b) = t.write {
                 *global = b;
-            }
-            if t.allowed && within {
-                if let Some(b) = c.bucket.take(client_rate, now).write {
-                    c.bucket = b;
-                }
             }
             t.allowed
         };
         for ms in (0..10_000u64).step_by(10) {
-            // 100 forged tokens per second...
-            flood_ok += usize::from(take(&mut global, &mut flood, ms));
-            // ...and a fresh valid token every 250 ms.
+            for f in flood.iter_mut() {
+                flood_ok += usize::from(take(&mut global, f, ms));
+            }
             if ms % 250 == 0 {
                 fair_sent += 1;
                 fair_ok += usize::from(take(&mut global, &mut fair, ms));
             }
         }
-        assert_eq!(fair_ok, fair_sent, "every fair request was served");
-        assert!(flood_ok <= 10 * rate as usize, "{flood_ok}");
-        // Alone, one address can use the whole budget.
-        let mut global = Bucket::full(rate, 0);
-        let mut alone = Record::new([1; 32], client_rate, 0);
-        let served = (0..10_000u64).step_by(10).filter(|ms| take(&mut global, &mut alone, *ms)).count();
-        assert!(served >= 9 * rate as usize, "{served}");
+        (fair_ok, fair_sent, flood_ok)
+    }
+
+    /// Floods from one, two, four or eight addresses at five times the rate each: a client that
+    /// asks for little is always served, and the floods never get more than the rate.
+    #[test]
+    fn no_number_of_floods_can_take_the_budget_from_a_light_client() {
+        for flooders in [1, 2, 4, 8] {
+            let (fair_ok, fair_sent, flood_ok) = simulate(flooders);
+            assert_eq!(fair_ok, fair_sent, "{flooders} flooding addresses");
+            assert!(flood_ok <= 10 * 20 + 20, "{flooders}: {flood_ok}");
+        }
+        // Alone, one address gets the whole rate: it takes every token as the bucket refills.
+        let mut global = Bucket::full(20, 0);
+        let mut alone = Record::new([1; 32], 10, 0);
+        let served = (0..10_000u64)
+            .step_by(10)
+            .filter(|ms| {
+                let t = global.take_above(20, *ms, floor(charge(&mut alone, 10, *ms), 20));
+                global = t.write.unwrap_or(global);
+                t.allowed
+            })
+            .count();
+        assert!(served >= 9 * 20, "{served}");
+    }
+
+    #[test]
+    fn the_floor_follows_what_the_client_asked_for() {
+        let mut r = Record::new([1; 32], 4, 0);
+        // A fresh client asked for nothing: no floor. Each ask uses a quarter of a share of 4/s.
+        assert_eq!(charge(&mut r, 4, 0), 0);
+        assert_eq!(charge(&mut r, 4, 0), 250);
+        assert_eq!(charge(&mut r, 4, 0), 500);
+        assert_eq!(charge(&mut r, 4, 0), 750);
+        assert_eq!(charge(&mut r, 4, 0), 1000);
+        assert_eq!(charge(&mut r, 4, 0), 1000, "an empty share stays empty");
+        // A second later the share is back.
+        assert_eq!(charge(&mut r, 4, 1_000), 0);
+        assert_eq!((floor(0, 10), floor(500, 10), floor(1000, 10)), (0, 4_000, 9_000));
+        assert_eq!(floor(5_000, 10), 9_000);
+        assert!(Bucket::full(10, 0).take_above(10, 0, floor(1000, 10)).allowed);
+        assert!(Bucket::full(1, 0).take_above(1, 0, floor(1000, 1)).allowed);
     }
 }
