@@ -590,3 +590,29 @@ def test_several_addresses_cannot_drain_the_webhook_budget(envoys, webhook, floo
     assert fair.count(200) >= 9, f"fresh valid tokens of a third address: {fair}"
     # The floods together got no more than the rate (10/s for ~3 s, plus the initial bucket).
     assert sum(v for _, v in floods) <= 10 * 4 + 10, floods
+
+
+def test_webhook_4xx_never_opens_the_circuit_for_everyone(envoys, webhook):
+    # Any client can make the webhook answer 400 (a malformed token it rejects as a bad request):
+    # three addresses doing so opened the Envoy-wide circuit (min(threshold, 3) addresses).
+    cenv = envoys.get({"jwt_verifier": {"circuit_breaker_threshold": 5, "circuit_breaker_timeout_sec": 60,
+                                        "retry_attempts": 3}}, name="trust-4xx-circuit")
+    bad = [new_token(f"four-hundred{i}") for i in range(18)]
+    for t in bad:
+        webhook.program(t, Behaviour(status=400))
+
+    def attack(i):
+        return cenv.get("/events/news", bearer(bad[i]), source=f"127.0.0.{60 + i % 3}", timeout=10).status
+
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        statuses = list(ex.map(attack, range(len(bad))))
+    assert set(statuses) == {503}, statuses  # each address: its failures, then its own circuit
+    assert cenv.stats().get("revenprox_circuit_state") == 0
+    good = []
+    for i in range(5):
+        tok = new_token(f"unaffected{i}")
+        webhook.program(tok, valid(f"unaffected{i}"))
+        good.append(cenv.get("/events/news", bearer(tok), source="127.0.0.64").status)
+    assert good == [200] * 5, good
+    assert cenv.stats().get("revenprox_circuit_opened") == 0
+    assert cenv.stats().get("revenprox_client_circuit_opened") >= 3

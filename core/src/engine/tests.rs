@@ -1074,6 +1074,46 @@ fn one_client_cannot_open_the_circuit_for_the_others() {
     assert_eq!(h.take().last(), Some(&Effect::ResumeRequest { ctx: 401 }));
 }
 
+/// Second attack run, finding 24: webhook 4xx answers counted toward the Envoy-wide circuit, so
+/// three addresses whose tokens the webhook answers 400 opened it for everyone.
+#[test]
+fn webhook_4xx_answers_never_open_the_circuit_for_everyone() {
+    let extra = r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":0,"circuit_breaker_threshold":3,"circuit_breaker_timeout_sec":30}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    let mut ctx = 700;
+    let mut ask = |h: &mut Host, address: &str, status: u32, body: &[u8]| -> Vec<Effect> {
+        ctx += 1;
+        h.address = address.into();
+        h.request(ctx, &get("/events/news", &jwt(&format!("t{ctx}"), 600)));
+        if let Some(&(call, _)) = h.pending_calls().last() {
+            h.answer(call, status, body);
+        }
+        h.take()
+    };
+    // Four addresses, three 400s each: their own circuits open, everyone's stays closed.
+    for a in 0..4 {
+        for _ in 0..3 {
+            ask(&mut h, &format!("10.7.7.{a}:1"), 400, b"bad request");
+        }
+    }
+    assert_eq!((h.metric(Metric::ClientCircuitOpened), h.metric(Metric::CircuitOpened)), (4, 0));
+    assert!(ask(&mut h, "10.1.1.1:1", 200, &verdict("good", 600))
+        .iter()
+        .any(|e| matches!(e, Effect::ResumeRequest { .. })));
+    // Failures that say the webhook is sick (5xx) from three addresses still open it...
+    for a in 0..3 {
+        ask(&mut h, &format!("10.8.8.{a}:1"), 500, b"");
+    }
+    assert_eq!(h.metric(Metric::CircuitOpened), 1);
+    // ...and a probe answered with a 4xx is given back: the next verification probes at once.
+    h.advance(30_000);
+    ask(&mut h, "10.9.9.1:1", 400, b"bad request");
+    assert_eq!(h.metric(Metric::CircuitRejected), 0);
+    let effects = ask(&mut h, "10.9.9.2:1", 200, &verdict("next", 600));
+    assert!(effects.iter().any(|e| matches!(e, Effect::ResumeRequest { .. })), "{effects:?}");
+    assert_eq!(h.metric(Metric::CircuitClosed), 1);
+}
+
 #[test]
 fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
     let mut h = Host::new(cfg(""), MemStore::new());

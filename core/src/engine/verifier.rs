@@ -572,10 +572,20 @@ impl Verifier {
                 );
             }
         }
+        // A 4xx is the webhook refusing one request as sent, which any client can provoke: it says
+        // nothing of the webhook's health. It counts for the client's own circuit (above), never
+        // for everyone's; a probe it answered is given back (the next verification probes).
+        let refused = matches!(verdict, Verdict::Failure(Failure::Status(400..=499)));
+        if refused && flight.probe {
+            shared::breaker_abandon_probe(io.store, now_ms);
+        }
         let bit = breaker::client_bit(v.client.as_ref());
-        if let Some((before, after)) =
-            shared::breaker_record(io.store, ok, flight.probe, bit, &breaker_settings(io.cfg), now_ms)
-        {
+        let recorded = (!refused)
+            .then(|| {
+                shared::breaker_record(io.store, ok, flight.probe, bit, &breaker_settings(io.cfg), now_ms)
+            })
+            .flatten();
+        if let Some((before, after)) = recorded {
             self.observe_breaker(io, after);
             match (before, after) {
                 (_, breaker::State::Open { .. }) => {
