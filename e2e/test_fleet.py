@@ -34,8 +34,9 @@ from servers.webhook import Behaviour, SessionStore
 LIFETIME, CHALLENGE = 20, 8
 RUN = 3 * LIFETIME + 3       # three token lifetimes; the answers to the challenges at ~60 s land
 STREAMS = 20
+# early_refresh_refusal: the misrouted refreshes behind round robin cost no webhook call (measured).
 FLEET_CFG = {"sse": {"heartbeat_interval_sec": 5, "challenge_before_expiry_sec": CHALLENGE,
-                     "max_connection_sec": 3600}}
+                     "max_connection_sec": 3600, "early_refresh_refusal": True}}
 
 
 @pytest.fixture(scope="module")

@@ -169,11 +169,12 @@ def test_http2_reauthorization_extends(lenv, webhook):
 
 
 def test_a_misrouted_challenge_response_costs_no_webhook_call_once_user_ids_are_subs(envoys, webhook):
-    """One worker (--concurrency 1), the default webhook (user_id = the JWT's sub). Before the
+    """`sse.early_refresh_refusal: true`, one worker (--concurrency 1), the default webhook
+    (user_id = the JWT's sub). Before the
     worker saw ten verdicts whose user_id is the token's sub, a challenge response of a user with
     no stream here is verified (one call, 403 user_mismatch); after, it is refused the same way
     with no call. A user with a stream here is verified as ever (204)."""
-    env = envoys.get(CFG, name="subjects", concurrency=1)
+    env = envoys.get({"sse": {**CFG["sse"], "early_refresh_refusal": True}}, name="subjects", concurrency=1)
     early = new_token("stray-early")
     assert_error(challenge_response(env, early), 403, "user_mismatch")
     assert len(webhook.calls_for(early)) == 1

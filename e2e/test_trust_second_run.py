@@ -102,7 +102,8 @@ def test_an_allow_in_flight_during_a_revocation_is_never_served_again(envoys, we
 # 26. "User ids are JWT subs" learned per worker refused the refresh of a user whose id is not
 #     the sub (or who opened the stream with a ticket) on the other worker
 # ----------------------------------------------------------------------------------------------
-LEARN = {"sse": {"heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 2, "reverify_interval_sec": 0}}
+LEARN = {"sse": {"heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 2, "reverify_interval_sec": 0,
+                 "early_refresh_refusal": True}}
 CR = "application/x-challenge-response"
 
 

@@ -38,6 +38,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "max_connection_sec",
             "reverify_interval_sec",
             "max_streams_per_user",
+            "early_refresh_refusal",
         ],
     ),
 ];
@@ -128,6 +129,9 @@ pub struct SseConfig {
     pub reverify_interval_sec: u64,
     /// Open streams one user may have in this Envoy (0: no limit).
     pub max_streams_per_user: u32,
+    /// Refuse a challenge response whose JWT `sub` has no stream here before any webhook call (it
+    /// reveals to anyone whether some user has a stream on a topic: off by default).
+    pub early_refresh_refusal: bool,
 }
 
 impl VerifierConfig {
@@ -492,6 +496,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         max_connection_sec: ss.uint("max_connection_sec", 3_600, 1, MAX_DURATION_SEC)?,
         reverify_interval_sec: ss.uint("reverify_interval_sec", 300, 0, MAX_TTL_SEC)?,
         max_streams_per_user: ss.uint32("max_streams_per_user", 0, 0, 1_000_000)?,
+        early_refresh_refusal: ss.boolean("early_refresh_refusal", false)?,
     };
 
     let user_header = top.string("user_header", "x-revenprox-user")?.to_ascii_lowercase();
@@ -778,8 +783,14 @@ mod tests {
             let (section, name) = key.split_once('.').unwrap_or(("", key));
             let value = if name.ends_with("_params") {
                 "[\"p\"]".to_string()
-            } else if ["require_authentication", "precheck", "strip_from_upstream", "forward_to_upstream"]
-                .contains(&name)
+            } else if [
+                "require_authentication",
+                "precheck",
+                "strip_from_upstream",
+                "forward_to_upstream",
+                "early_refresh_refusal",
+            ]
+            .contains(&name)
             {
                 "true".to_string()
             } else if name == "other_paths" {

@@ -90,10 +90,18 @@ impl RootContext for Root {
         let now = now_ms();
         let metrics = MetricIds::define();
         let mut store = HostStore {
+            prefix: revenprox_core::shared::namespace(&raw),
             revocations: metrics.id(Metric::Revocations),
-            user_ids_not_sub: metrics.id(Metric::UserIdNotSub),
+            mirror_works: false,
             salt: [0; 16],
         };
+        store.mirror_works = store.probe_mirror();
+        if !store.mirror_works {
+            log::warn!(
+                "revenprox: Envoy's stats configuration drops the revenprox_revocations stat: each cache hit \
+                 of a worker reads the revocation count from shared data instead (slower, as correct)"
+            );
+        }
         // Random (std's RandomState draws on the host's random source), unless another worker of
         // this Envoy wrote one already.
         let candidate = (u128::from(random()) << 64 | u128::from(random())).to_le_bytes();

@@ -152,7 +152,8 @@ impl Metric {
 
     pub fn kind(self) -> Kind {
         match self {
-            Metric::CircuitState | Metric::OpenStreams => Kind::Gauge,
+            // Revocations: written by the host store directly, as a mirror every worker reads.
+            Metric::CircuitState | Metric::OpenStreams | Metric::Revocations => Kind::Gauge,
             Metric::WebhookLatencyMs => Kind::Histogram,
             _ => Kind::Counter,
         }

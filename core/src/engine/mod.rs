@@ -362,7 +362,10 @@ fn misrouted_refresh<S: SharedStore + ?Sized>(
     streams: &Streams,
     v: &gate::Verification,
 ) -> bool {
-    if v.credential.kind != crate::auth::token::Kind::Jwt || !verifier.subjects().trusted() {
+    if !io.cfg.sse.early_refresh_refusal
+        || v.credential.kind != crate::auth::token::Kind::Jwt
+        || !verifier.subjects().trusted()
+    {
         return false;
     }
     let Some(sub) = crate::auth::precheck::claimed_subject(&v.credential.value) else {
@@ -374,7 +377,7 @@ fn misrouted_refresh<S: SharedStore + ?Sized>(
     }
     // Another worker may have seen a webhook whose user ids are not subs: then the stream of the
     // user this token really names may be here under another id.
-    if io.store.user_ids_not_sub() > 0 {
+    if shared::user_ids_not_sub(io.store) > 0 {
         return false;
     }
     // The claim is unverified: quoted and cut short, so it cannot forge or flood a log line.

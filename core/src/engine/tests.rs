@@ -1077,7 +1077,7 @@ fn one_client_cannot_open_the_circuit_for_the_others() {
 /// Second attack run, finding 24: webhook 4xx answers counted toward the Envoy-wide circuit, so
 /// three addresses whose tokens the webhook answers 400 opened it for everyone.
 #[test]
-fn webhook_4xx_answers_never_open_the_circuit_for_everyone() {
+fn webhook_4xx_answers_open_no_circuit() {
     let extra = r#","jwt_verifier":{"webhook_url":"http://auth.test/verify","webhook_cluster":"auth_webhook","retry_attempts":0,"circuit_breaker_threshold":3,"circuit_breaker_timeout_sec":30}"#;
     let mut h = Host::new(cfg(extra), MemStore::new());
     let mut ctx = 700;
@@ -1090,13 +1090,17 @@ fn webhook_4xx_answers_never_open_the_circuit_for_everyone() {
         }
         h.take()
     };
-    // Four addresses, three 400s each: their own circuits open, everyone's stays closed.
+    // Four addresses, three 400s each: no circuit opens, not even their own (behind a NAT that
+    // would lock out the neighbours: third attack run), and their next tokens are verified.
     for a in 0..4 {
         for _ in 0..3 {
             ask(&mut h, &format!("10.7.7.{a}:1"), 400, b"bad request");
         }
     }
-    assert_eq!((h.metric(Metric::ClientCircuitOpened), h.metric(Metric::CircuitOpened)), (4, 0));
+    assert_eq!((h.metric(Metric::ClientCircuitOpened), h.metric(Metric::CircuitOpened)), (0, 0));
+    assert!(ask(&mut h, "10.7.7.0:1", 200, &verdict("neighbour", 600))
+        .iter()
+        .any(|e| matches!(e, Effect::ResumeRequest { .. })));
     assert!(ask(&mut h, "10.1.1.1:1", 200, &verdict("good", 600))
         .iter()
         .any(|e| matches!(e, Effect::ResumeRequest { .. })));
@@ -1116,7 +1120,7 @@ fn webhook_4xx_answers_never_open_the_circuit_for_everyone() {
 
 #[test]
 fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
-    let mut h = Host::new(cfg(""), MemStore::new());
+    let mut h = Host::new(cfg(r#","sse":{"early_refresh_refusal":true}"#), MemStore::new());
     // Before the worker knows how the webhook names users, a refresh is verified.
     h.request(500, &refresh("/events/news", &jwt("vera", 600)));
     assert_eq!(h.pending_calls().len(), 1);
@@ -1148,8 +1152,9 @@ fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
 #[test]
 fn one_worker_seeing_a_user_id_that_is_not_the_sub_stops_the_shortcut_on_every_worker() {
     let store = MemStore::new();
-    let mut a = Host::new(cfg(""), store.clone());
-    let mut b = Host::new(cfg(""), store);
+    let early = r#","sse":{"early_refresh_refusal":true}"#;
+    let mut a = Host::new(cfg(early), store.clone());
+    let mut b = Host::new(cfg(early), store);
     // Worker B learns from ten verdicts whose user_id is the sub.
     for i in 0..10u32 {
         let user = format!("s{i}");
@@ -1222,8 +1227,9 @@ fn a_stream_opened_with_a_ticket_stops_the_shortcut_on_every_worker() {
     // Second attack run: a ticket names no sub, so its user's stream may be here under an id no
     // JWT claims; the refresh of that user (a JWT whose sub differs) must reach the webhook.
     let store = MemStore::new();
-    let mut a = Host::new(cfg(""), store.clone());
-    let mut b = Host::new(cfg(""), store);
+    let early = r#","sse":{"early_refresh_refusal":true}"#;
+    let mut a = Host::new(cfg(early), store.clone());
+    let mut b = Host::new(cfg(early), store);
     for i in 0..10u32 {
         let user = format!("t{i}");
         b.request(630 + i, &get("/events/news", &jwt(&user, 600)));
@@ -1267,4 +1273,37 @@ fn a_worker_that_placed_records_with_another_salt_places_them_again() {
     assert_eq!(b.request(810, &get("/events/sports", &jwt("uma", 601))), Flow::Pause);
     b.answer(b.pending_calls()[0].0, 200, &verdict("uma", 600));
     assert_eq!(b.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(810, Code::TooManyStreams)]);
+}
+
+#[test]
+fn a_ticket_answered_after_a_revocation_is_not_asked_again() {
+    // Third attack run: the webhook consumed the ticket on its first call; asking again refused
+    // its one legitimate use. A ticket's allow is never cached, so it cannot revive anything.
+    let store = MemStore::new();
+    let mut a = Host::new(cfg(""), store.clone());
+    let mut other = store;
+    let ticket = vec![
+        (":method".into(), b"GET".to_vec()),
+        (":path".into(), b"/events/news?ticket=tkt_abcdefabcdef".to_vec()),
+    ];
+    assert_eq!(a.request(930, &ticket), Flow::Pause);
+    other.revoke();
+    a.answer(a.pending_calls()[0].0, 200, &verdict("tara", 600));
+    assert!(a.take().contains(&Effect::ResumeRequest { ctx: 930 }));
+    assert!(a.pending_calls().is_empty());
+}
+
+#[test]
+fn by_default_a_refresh_is_always_verified_so_its_answer_tells_nothing_of_other_streams() {
+    // Third attack run: refusing early told an unauthenticated client (a forged token naming the
+    // victim) whether the victim had a stream on a topic: 403 at once without one, 401 with one.
+    let mut h = Host::new(cfg(""), MemStore::new());
+    for i in 0..12u32 {
+        let user = format!("d{i}");
+        h.request(940 + i, &get("/events/news", &jwt(&user, 600)));
+        h.answer(h.pending_calls()[0].0, 200, &verdict(&user, 600));
+    }
+    h.take();
+    h.request(960, &refresh("/events/secret-room", &jwt("victim", 700)));
+    assert_eq!(h.pending_calls().len(), 1, "verified like any other refresh");
 }

@@ -496,10 +496,15 @@ impl Verifier {
         }
     }
 
-    /// An allow whose call was made before a credential was revoked somewhere in the Envoy, and
-    /// that was not asked again yet (once per flight: the second answer stands, uncached if
+    /// A cacheable allow whose call was made before a credential was revoked somewhere in the
+    /// Envoy, and that was not asked again yet (once per flight: the second answer stands, uncached if
     /// another revocation happened meanwhile).
     fn stale_allow<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, key: FlightKey) -> bool {
+        // Only an allow the cache would keep can revive a revoked credential; asking again about
+        // a one-time ticket would be refused (the webhook consumed it on the first call).
+        if !self.flights.get(&key).is_some_and(|f| f.verification.cacheable) {
+            return false;
+        }
         let now = io.store.revocations();
         match self.asked_at.get_mut(&key) {
             Some(asked) if asked.revocations != now && !asked.again => {
@@ -551,7 +556,13 @@ impl Verifier {
         let now_ms = io.now_ms;
         let ok = !matches!(verdict, Verdict::Failure(_));
         let v = &flight.verification;
-        if let Some(ck) = v.client {
+        // A 4xx is the webhook refusing one request as sent, which any client can provoke: it says
+        // nothing of the webhook's health, so it counts for no circuit (not even the client's own:
+        // behind a NAT that would lock out every neighbour); a probe it answered is given back.
+        let refused = matches!(verdict, Verdict::Failure(Failure::Status(400..=499)));
+        if refused {
+            self.abandon_client_probe(io, v);
+        } else if let Some(ck) = v.client {
             let settings = client_breaker_settings(io.cfg);
             let rate = io.cfg.verifier.rate_limit_per_client_per_sec;
             let probe = v.client_probe;
@@ -572,10 +583,6 @@ impl Verifier {
                 );
             }
         }
-        // A 4xx is the webhook refusing one request as sent, which any client can provoke: it says
-        // nothing of the webhook's health. It counts for the client's own circuit (above), never
-        // for everyone's; a probe it answered is given back (the next verification probes).
-        let refused = matches!(verdict, Verdict::Failure(Failure::Status(400..=499)));
         if refused && flight.probe {
             shared::breaker_abandon_probe(io.store, now_ms);
         }
@@ -617,7 +624,8 @@ impl Verifier {
                     v.credential.kind == Kind::Jwt && self.subjects.learn(claimed.as_deref(), &user_id);
                 if !sub_named {
                     // Every worker must hear of it: a refresh may reach one that saw only subs.
-                    io.store.user_id_not_sub();
+                    shared::count_user_id_not_sub(io.store);
+                    io.tally.inc(Metric::UserIdNotSub);
                 }
                 if v.cacheable && fresh {
                     if let Some(until_ms) =

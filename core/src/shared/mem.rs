@@ -12,8 +12,6 @@ type Data = HashMap<String, (Vec<u8>, u32)>;
 #[derive(Debug, Clone, Default)]
 pub struct MemStore {
     data: Rc<RefCell<Data>>,
-    revocations: Rc<RefCell<u64>>,
-    user_ids_not_sub: Rc<RefCell<u64>>,
     /// This handle's salt (each worker holds its own copy, as in Envoy).
     salt: Salt,
 }
@@ -64,28 +62,12 @@ impl SharedStore for MemStore {
         }
     }
 
-    fn revocations(&self) -> u64 {
-        *self.revocations.borrow()
-    }
-
-    fn user_ids_not_sub(&self) -> u64 {
-        *self.user_ids_not_sub.borrow()
-    }
-
     fn salt(&self) -> Salt {
         self.salt
     }
 
     fn set_salt(&mut self, salt: Salt) {
         self.salt = salt;
-    }
-
-    fn user_id_not_sub(&mut self) {
-        *self.user_ids_not_sub.borrow_mut() += 1;
-    }
-
-    fn revoke(&mut self) {
-        *self.revocations.borrow_mut() += 1;
     }
 }
 

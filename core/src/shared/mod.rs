@@ -40,18 +40,18 @@ pub trait SharedStore {
     /// Writes `value`. With `cas`, only if the key's CAS token is still `cas` (a key that does not
     /// exist yet is written whatever `cas` says: the host's behaviour).
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
-    /// An Envoy-wide count of revoked credentials that only grows: a worker whose local verdict
-    /// cache was filled at a lower count drops it. Read on every local cache hit, so the host
-    /// answers it without allocating (Envoy: the `revenprox_revocations` counter).
-    fn revocations(&self) -> u64;
-    /// A credential was revoked: counts one more.
-    fn revoke(&mut self);
-    /// An Envoy-wide count of allow verdicts whose `user_id` was not the JWT's `sub` claim (Envoy:
-    /// the `revenprox_user_id_not_sub` counter). While it is 0 a worker may refuse a misrouted
-    /// challenge response without asking the webhook (`engine::verifier::Subjects`).
-    fn user_ids_not_sub(&self) -> u64;
-    /// An allow verdict's `user_id` was not the JWT's `sub`: counts one more.
-    fn user_id_not_sub(&mut self);
+    /// The Envoy-wide count of revoked credentials, which only grows: a worker whose local
+    /// verdict cache was filled at a lower count drops it. Read on every local cache hit, so a host
+    /// may answer it from a faster mirror than shared data (Envoy: the `revenprox_revocations`
+    /// stat, when Envoy's stats configuration keeps it); the count of record is
+    /// `revocations_stored`.
+    fn revocations(&self) -> u64 {
+        revocations_stored(self)
+    }
+    /// A credential was revoked: counts one more (in shared data, and in the host's mirror).
+    fn revoke(&mut self) {
+        count_revocation(self);
+    }
     /// The salt this worker places entries with (`agree_salt`).
     fn salt(&self) -> Salt;
     fn set_salt(&mut self, salt: Salt);
@@ -62,6 +62,50 @@ pub trait SharedStore {
 pub type Salt = [u8; 16];
 
 const SALT: &str = "revenprox.salt";
+const REVOCATIONS: &str = "revenprox.revocations";
+const NOT_SUB: &str = "revenprox.not_sub";
+
+fn read_count<S: SharedStore + ?Sized>(store: &S, key: &str) -> u64 {
+    store.get(key).0.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes)
+}
+
+fn add_one<S: SharedStore + ?Sized>(store: &mut S, key: &str) {
+    let _ = cas_update(store, key, |v| {
+        let n = v.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_le_bytes);
+        ((), Some(n.saturating_add(1).to_le_bytes().to_vec()))
+    });
+}
+
+/// The namespace of one plugin configuration's keys: workers of one Envoy that run the same
+/// configuration share their state, other configurations (another listener, another webhook) never
+/// see it.
+pub fn namespace(configuration: &[u8]) -> String {
+    let digest: [u8; 32] = Sha256::digest(configuration).into();
+    format!("rp{}.", hex::encode(digest.get(..6).unwrap_or_default()))
+}
+
+/// The count of record of revoked credentials in this Envoy (shared data).
+pub fn revocations_stored<S: SharedStore + ?Sized>(store: &S) -> u64 {
+    read_count(store, REVOCATIONS)
+}
+
+/// Counts one revoked credential in shared data.
+pub fn count_revocation<S: SharedStore + ?Sized>(store: &mut S) {
+    add_one(store, REVOCATIONS);
+}
+
+/// Allow verdicts in this Envoy whose `user_id` was not the JWT's `sub` claim, or that were for a
+/// ticket. While it is 0 a worker may refuse a misrouted challenge response without asking the
+/// webhook (`engine::verifier::Subjects`). Read from shared data (rarely: only for such a
+/// refusal), never from a stat, so no stats configuration can turn the check off.
+pub fn user_ids_not_sub<S: SharedStore + ?Sized>(store: &S) -> u64 {
+    read_count(store, NOT_SUB)
+}
+
+/// Counts one allow whose `user_id` was not the JWT's `sub`.
+pub fn count_user_id_not_sub<S: SharedStore + ?Sized>(store: &mut S) {
+    add_one(store, NOT_SUB);
+}
 
 /// At configuration: the Envoy's salt, or `candidate` (random, from the host) when there is none
 /// yet. Two workers may both find none and both write; the last write stands, and `recheck_salt`

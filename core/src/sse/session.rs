@@ -234,6 +234,7 @@ mod tests {
             max_connection_sec: max,
             reverify_interval_sec: 0,
             max_streams_per_user: 0,
+            early_refresh_refusal: false,
         }
     }
 
