@@ -319,8 +319,9 @@ impl Host {
             Answer::Status504 => (504, String::new()),
             Answer::Malformed => (200, "{".to_string()),
         };
-        if live && matches!(answer, Answer::Allow | Answer::OtherUser) {
-            // Decided before a revocation that happened meanwhile: asked once more.
+        let cacheable = self.engine.verifier().flights().get(&key).is_some_and(|f| f.verification.cacheable);
+        if live && cacheable && matches!(answer, Answer::Allow | Answer::OtherUser) {
+            // A cacheable allow decided before a revocation that happened meanwhile: asked once more.
             let now = self.store.revocations();
             let t = self.tries.entry(key).or_default();
             if t.revocations != now && t.again == 0 {
