@@ -1101,6 +1101,17 @@ fn webhook_4xx_answers_open_no_circuit() {
     assert_eq!(h.metric(Metric::CircuitClosed), 1);
 }
 
+/// `n` users open streams whose verdicts name their JWT `sub` (contexts `ctx0`..): what makes a
+/// worker trust that user ids are subs.
+fn learn_subs(h: &mut Host, n: u32, ctx0: Ctx, prefix: &str) {
+    for i in 0..n {
+        let user = format!("{prefix}{i}");
+        h.request(ctx0 + i, &get("/events/news", &jwt(&user, 600)));
+        h.answer(h.pending_calls()[0].0, 200, &verdict(&user, 600));
+    }
+    h.take();
+}
+
 #[test]
 fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
     let mut h = Host::new(cfg(r#","sse":{"early_refresh_refusal":true}"#), MemStore::new());
@@ -1110,12 +1121,7 @@ fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
     h.answer(h.pending_calls()[0].0, 200, &verdict("vera", 600));
     assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(500, Code::UserMismatch)]);
     // Ten verdicts whose user_id is the token's sub.
-    for i in 0..10u32 {
-        let user = format!("u{i}");
-        h.request(510 + i, &get("/events/news", &jwt(&user, 600)));
-        h.answer(h.pending_calls()[0].0, 200, &verdict(&user, 600));
-    }
-    h.take();
+    learn_subs(&mut h, 10, 510, "u");
     let calls = h.metric(Metric::WebhookCalls);
     h.request(520, &refresh("/events/news", &jwt("wanda", 700)));
     assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(520, Code::UserMismatch)]);
@@ -1139,12 +1145,7 @@ fn one_worker_seeing_a_user_id_that_is_not_the_sub_stops_the_shortcut_on_every_w
     let mut a = Host::new(cfg(early), store.clone());
     let mut b = Host::new(cfg(early), store);
     // Worker B learns from ten verdicts whose user_id is the sub.
-    for i in 0..10u32 {
-        let user = format!("s{i}");
-        b.request(600 + i, &get("/events/news", &jwt(&user, 600)));
-        b.answer(b.pending_calls()[0].0, 200, &verdict(&user, 600));
-    }
-    b.take();
+    learn_subs(&mut b, 10, 600, "s");
     // Worker A sees a token whose user is not its sub (a service account, an alias), and opens
     // that user's stream.
     a.now = b.now;
@@ -1213,12 +1214,7 @@ fn a_stream_opened_with_a_ticket_stops_the_shortcut_on_every_worker() {
     let early = r#","sse":{"early_refresh_refusal":true}"#;
     let mut a = Host::new(cfg(early), store.clone());
     let mut b = Host::new(cfg(early), store);
-    for i in 0..10u32 {
-        let user = format!("t{i}");
-        b.request(630 + i, &get("/events/news", &jwt(&user, 600)));
-        b.answer(b.pending_calls()[0].0, 200, &verdict(&user, 600));
-    }
-    b.take();
+    learn_subs(&mut b, 10, 630, "t");
     a.now = b.now;
     let ticket = vec![
         (":method".into(), b"GET".to_vec()),
@@ -1281,12 +1277,7 @@ fn by_default_a_refresh_is_always_verified_so_its_answer_tells_nothing_of_other_
     // Third attack run: refusing early told an unauthenticated client (a forged token naming the
     // victim) whether the victim had a stream on a topic: 403 at once without one, 401 with one.
     let mut h = Host::new(cfg(""), MemStore::new());
-    for i in 0..12u32 {
-        let user = format!("d{i}");
-        h.request(940 + i, &get("/events/news", &jwt(&user, 600)));
-        h.answer(h.pending_calls()[0].0, 200, &verdict(&user, 600));
-    }
-    h.take();
+    learn_subs(&mut h, 12, 940, "d");
     h.request(960, &refresh("/events/secret-room", &jwt("victim", 700)));
     assert_eq!(h.pending_calls().len(), 1, "verified like any other refresh");
 }
