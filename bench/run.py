@@ -648,13 +648,16 @@ def envoy_elf():
     return found[0]
 
 
-def callgrind(ctx, P, n_handshakes=1000, event_secs=5.0):
+def callgrind(ctx, P, n_handshakes=1000, event_secs=5.0, only=None):
+    """`only`: run just the specs named `label/what` in this list (all when None)."""
     vg = shutil.which("valgrind")
     if not vg or not shutil.which("callgrind_control"):
         raise BenchError("valgrind not found (apt-get install valgrind)")
     log(f"callgrind: instructions inside Envoy (--concurrency 1) per handshake ({n_handshakes}) and per event")
     out = []
     for i, (label, setup, probe_cfg, what) in enumerate(CALLGRIND_SPECS):
+        if only is not None and f"{label}/{what}" not in only:
+            continue
         e = Envoy(setup, ctx, tag=f"-cg{i}", heartbeat_sec=1, probe=probe_cfg)
         cg_out = e.dir / "callgrind.out"
         e.start(timeout=300, concurrency=1, prefix=[vg, "--tool=callgrind", f"--callgrind-out-file={cg_out}",
@@ -735,6 +738,8 @@ def main():
     ap.add_argument("--rounds", type=int, help="override the number of rounds")
     ap.add_argument("--only", default="ceilings,rounds,herd,memory,cache,hotpath",
                     help="comma-separated phases to run (default: all but the opt-in `callgrind`)")
+    ap.add_argument("--callgrind-specs", help="with --only callgrind: just these specs, comma-separated "
+                    "`label/what` (e.g. 'D/handshake,D/event,N queue=1/event')")
     ap.add_argument("--budget", type=int, help="hard time limit in seconds (default 900, +900 with callgrind)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/ (results go to bench/out)")
     args = ap.parse_args()
@@ -819,8 +824,9 @@ def main():
         if "hotpath" in phases:
             results["hotpath"] = hotpath(P)
         if "callgrind" in phases:
-            results["callgrind"] = callgrind(ctx, P)
-            if not args.no_docs:
+            only = args.callgrind_specs.split(",") if args.callgrind_specs else None
+            results["callgrind"] = callgrind(ctx, P, only=only)
+            if not args.no_docs and only is None:
                 # kept apart: the default run re-renders it (counts do not depend on the machine's load)
                 (DOCS / "bench").mkdir(parents=True, exist_ok=True)
                 (DOCS / "bench" / "callgrind.json").write_text(json.dumps({
