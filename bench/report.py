@@ -273,7 +273,7 @@ def callgrind_section(cg, note=""):
         hs, ev = per.get((x, "handshake")), per.get((x, "event"))
         if hs is None and ev is None:
             continue
-        md.append(f"| {x} {names[x]} | {_num(hs)} | {'' if hs is None or x == 'A' else f'{hs - a_hs:+,.0f}'} | "
+        md.append(f"| {x} {names[x]} | {_num(hs)} | {'' if hs is None or x == 'A' or a_hs is None else f'{hs - a_hs:+,.0f}'} | "
                   f"{_num(ev)} | {'' if ev is None or x == 'A' or a_ev is None else f'{ev - a_ev:+,.0f}'} |")
     probes = [("N headers=20", "handshake", 20, "read of a request header that is present"),
               ("N shared=20", "handshake", 20, "shared-data read (a 64-byte value)"),

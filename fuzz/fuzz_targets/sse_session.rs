@@ -1,9 +1,9 @@
 //! The shipped engine's SSE streams (`engine::Engine`: sessions, hold-and-release, injections at
 //! event boundaries, refreshes, re-verification, expiry) driven through arbitrary host events:
-//! upstream chunks of arbitrary bytes and sizes (end of stream included), queue releases, timer
-//! ticks and time, challenge responses with later or earlier expiries, re-verification answers
-//! (allow, deny, another user, failure), streams going away, with fuzzed heartbeat, challenge,
-//! maximum duration and re-verification settings.
+//! upstream chunks of arbitrary bytes and sizes (end of stream included), the worker's release
+//! signal, timer ticks and time, challenge responses with later or earlier expiries,
+//! re-verification answers (allow, deny, another user, failure), streams going away, with fuzzed
+//! heartbeat, challenge, maximum duration and re-verification settings.
 //!
 //! An Envoy model performs the effects as `src/host/apply.rs` does: a chunk the engine holds
 //! (`Flow::Pause`) stays in the response buffer until a release; an `Inject` appends to that buffer
@@ -53,9 +53,8 @@ enum Op {
     Flood {
         s: u8,
     },
-    Release {
-        s: u8,
-    },
+    /// The worker's queue delivers the release signal.
+    Release,
     Advance {
         ms: u16,
     },
@@ -446,9 +445,9 @@ fuzz_target!(|x: Input| {
                 h.chunk(ctx_of(*s), bytes, *eos);
             }
             Op::Flood { s } => h.chunk(ctx_of(*s), b"data: f\n\n".repeat(8_000), false),
-            Op::Release { s } => {
+            Op::Release => {
                 h.current = ROOT;
-                h.engine.release(ctx_of(*s), h.now);
+                h.engine.released(h.now);
                 h.run(Flow::Continue, None);
             }
             Op::Advance { ms } => h.now += u64::from(*ms),
@@ -542,12 +541,9 @@ fuzz_target!(|x: Input| {
         h.now += h.tick_ms.max(250);
         h.tick();
         // Releases of held chunks come as the queue would deliver them.
-        let held: Vec<Ctx> =
-            h.clients.iter().filter(|(_, c)| !c.held.is_empty() && !c.gone).map(|(k, _)| *k).collect();
-        for ctx in held {
-            h.engine.release(ctx, h.now);
-            h.run(Flow::Continue, None);
-        }
+        h.current = ROOT;
+        h.engine.released(h.now);
+        h.run(Flow::Continue, None);
         h.attribute();
     }
     h.check();

@@ -111,9 +111,9 @@ fn perform(w: &Worker, effect: Effect) -> Option<Receipt> {
             let _ = abi::resume_response();
             None
         }
-        Effect::Enqueue { ctx } => {
+        Effect::Enqueue { .. } => {
             let result = match w.queue {
-                Some(queue) => abi::enqueue(queue, &ctx.to_le_bytes()),
+                Some(queue) => abi::enqueue(queue, &[]),
                 None => Err(Status::NotFound),
             };
             failed_if(effect, result)

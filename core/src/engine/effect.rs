@@ -41,8 +41,9 @@ pub enum Effect {
     Inject { ctx: Ctx, bytes: &'static [u8] },
     /// Release a held response chunk.
     ResumeResponse { ctx: Ctx },
-    /// Ask for a callback on this worker that releases the chunk being held (the worker's release
-    /// queue). Receipt on failure only.
+    /// Ask for a callback on this worker (an empty message on the worker's release queue, which
+    /// the host answers with `Engine::released`) that releases the chunk `ctx` holds, and every
+    /// chunk held until then. Receipt on failure only.
     Enqueue { ctx: Ctx },
     /// End the stream (both directions).
     Close { ctx: Ctx },

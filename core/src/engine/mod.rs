@@ -190,10 +190,11 @@ impl<S: SharedStore> Engine<S> {
         flow
     }
 
-    /// The release queue delivered stream `ctx`'s message.
-    pub fn release(&mut self, ctx: Ctx, now_ms: u64) {
+    /// The worker's release queue delivered its signal (`Effect::Enqueue`): every chunk held since
+    /// goes on.
+    pub fn released(&mut self, now_ms: u64) {
         let (mut io, _, streams) = self.io(now_ms);
-        streams.release(&mut io, ctx);
+        streams.released(&mut io);
     }
 
     /// The worker's timer fired.

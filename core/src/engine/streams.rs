@@ -4,9 +4,11 @@
 //!
 //! How bytes get into a live response (docs/envoy-host.md): Envoy only lets the filter write into
 //! a response body while it holds that body. So every upstream chunk is held (`Flow::Pause`) and
-//! released at once through the worker's own queue (`Effect::Enqueue`, then `release`). Between
-//! chunks the stream stays in that holding state, so a timer can append an injection and release
-//! it. Bodies over `HOLD_MAX` (floods) are not held: injections then wait for the next (small)
+//! released at once through the worker's own queue: one empty message (`Effect::Enqueue`) wakes the
+//! worker, and `released` lets go of every chunk held since (one signal for all the streams that
+//! held a chunk in the meantime; an empty message costs the host no allocation inside the VM).
+//! Between chunks the stream stays in that holding state, so a timer can append an injection and
+//! release it. Bodies over `HOLD_MAX` (floods) are not held: injections then wait for the next (small)
 //! chunk. Injections go only where `Framing` says an upstream event has ended; one due while an
 //! event is half through waits for the chunk that ends it and is spliced in right after that event.
 //!
@@ -93,6 +95,8 @@ struct Live {
     writing: Option<Injection>,
     /// Envoy holds this response's body buffer (a chunk went through the hold-and-release path).
     held: bool,
+    /// The held chunk waits for the worker's release signal.
+    releasing: bool,
     /// `event: expired` went out; the stream is ended at this time (after the bytes are flushed).
     close_at_ms: Option<u64>,
     /// The upstream compressed the stream (`content-encoding` other than `identity`): nothing can
@@ -148,6 +152,10 @@ pub struct Streams {
     worker: u32,
     /// The worker has a release queue (else chunks cannot be held).
     queue: bool,
+    /// Streams whose held chunk waits for the release signal (some may have let it go since).
+    releasing: Vec<Ctx>,
+    /// The release signal is on its way through the queue.
+    signalled: bool,
     /// Earliest time any session needs the timer.
     next_ms: Option<u64>,
     /// When this worker's presence records are touched next.
@@ -198,6 +206,8 @@ impl Streams {
             reserved: HashMap::new(),
             worker,
             queue,
+            releasing: Vec::new(),
+            signalled: false,
             next_ms: None,
             touch_at_ms: 0,
         }
@@ -321,6 +331,7 @@ impl Streams {
             pending_since_ms: 0,
             writing: None,
             held: false,
+            releasing: false,
             close_at_ms: None,
             encoded: encoded.is_some(),
         };
@@ -380,18 +391,32 @@ impl Streams {
             io.out.push(Effect::SetEnd { ctx, reason: "upstream_end" });
         }
         if end_of_stream || size > HOLD_MAX || !queue {
+            // Continue lets everything Envoy holds for the stream go (a release still on its way
+            // then finds nothing to do).
             live.held = false;
+            live.releasing = false;
             return Flow::Continue;
         }
-        io.out.push(Effect::Enqueue { ctx });
         live.held = true;
+        if !live.releasing {
+            live.releasing = true;
+            self.releasing.push(ctx);
+        }
+        if !self.signalled {
+            self.signalled = true;
+            io.out.push(Effect::Enqueue { ctx });
+        }
         Flow::Pause
     }
 
-    /// The queue says: let stream `ctx`'s held bytes go.
-    pub(crate) fn release<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, ctx: Ctx) {
-        if self.live.contains_key(&ctx) {
-            io.out.push(Effect::ResumeResponse { ctx });
+    /// The release signal arrived: let go of every chunk held since it was sent.
+    pub(crate) fn released<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>) {
+        self.signalled = false;
+        for ctx in std::mem::take(&mut self.releasing) {
+            if let Some(live) = self.live.get_mut(&ctx).filter(|l| l.releasing) {
+                live.releasing = false;
+                io.out.push(Effect::ResumeResponse { ctx });
+            }
         }
     }
 
@@ -434,8 +459,12 @@ impl Streams {
                 None
             }
             Effect::Enqueue { .. } => {
-                // No release will come: let the chunk through now.
+                // No release will come: let the chunk through now. The signal is sent when the
+                // first stream holds a chunk, so no other stream waits for it.
                 live.held = false;
+                live.releasing = false;
+                self.signalled = false;
+                self.releasing.retain(|c| *c != ctx);
                 Some(Flow::Continue)
             }
             _ => None,
@@ -523,7 +552,9 @@ impl Streams {
             }
             if let Some(injection) = live.pending {
                 if live.held && live.framing.at_boundary() {
+                    // Appending releases what is held (a release still on its way is not needed).
                     io.out.push(Effect::Inject { ctx, bytes: injection.bytes() });
+                    live.releasing = false;
                     live.pending = None;
                     live.writing = Some(injection);
                     // Its receipt schedules what comes next.

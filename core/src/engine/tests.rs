@@ -132,10 +132,6 @@ impl Host {
                         Receipt::Failed(effect.clone())
                     }),
                     Effect::ReplaceChunk { ctx, .. } => Some(Receipt::Written { ctx: *ctx }),
-                    Effect::Enqueue { ctx } => {
-                        self.held.insert(*ctx, true);
-                        None
-                    }
                     Effect::SetTick { ms } => {
                         self.tick_ms = *ms;
                         None
@@ -219,12 +215,15 @@ impl Host {
     fn body(&mut self, ctx: Ctx, bytes: &[u8], eos: bool) -> Flow {
         self.held.insert(ctx, false);
         let flow = self.engine.response_body(ctx, bytes.len(), eos, &mut Chunk(bytes), self.now);
-        self.run().unwrap_or(flow)
+        let flow = self.run().unwrap_or(flow);
+        // A paused body callback leaves the body buffer with the filter (writable from a timer).
+        self.held.insert(ctx, flow == Flow::Pause);
+        flow
     }
 
-    /// The queue delivers the release of a held chunk.
-    fn release(&mut self, ctx: Ctx) {
-        self.engine.release(ctx, self.now);
+    /// The worker's queue delivers the release signal.
+    fn released(&mut self) {
+        self.engine.released(self.now);
         self.run();
     }
 
@@ -235,7 +234,7 @@ impl Host {
         self.answer(call, 200, &verdict(user, ttl));
         self.response(ctx);
         assert_eq!(self.body(ctx, b"data: hello\n\n", false), Flow::Pause);
-        self.release(ctx);
+        self.released();
         self.take();
     }
 }
@@ -433,7 +432,7 @@ fn heartbeats_need_a_held_chunk_and_wait_for_the_event_boundary() {
     // Half an event arrives and is held: the heartbeat due meanwhile waits for its end...
     h.tick_until(h.now + 500);
     assert_eq!(h.body(70, b"data: par", false), Flow::Pause);
-    h.release(70);
+    h.released();
     h.tick_until(h.now + 1_100);
     assert!(!h.take().iter().any(|e| matches!(e, Effect::Inject { .. })));
     // ...and is spliced in right after it.
@@ -940,7 +939,7 @@ fn a_compressed_event_stream_gets_no_injection_and_still_ends_on_time() {
     plain.push(("content-encoding".into(), b" Identity , identity".to_vec()));
     open(&mut h, 630, &jwt("zoe", 3_600), 3_600, plain);
     assert_eq!(h.body(630, b"data: a\n\n", false), Flow::Pause);
-    h.release(630);
+    h.released();
     h.tick_until(h.now + 1_100);
     assert!(injected(&h.take(), b": heartbeat"));
     assert_eq!(h.metric(Metric::StreamsEncoded), 0);
@@ -1280,4 +1279,41 @@ fn by_default_a_refresh_is_always_verified_so_its_answer_tells_nothing_of_other_
     learn_subs(&mut h, 12, 940, "d");
     h.request(960, &refresh("/events/secret-room", &jwt("victim", 700)));
     assert_eq!(h.pending_calls().len(), 1, "verified like any other refresh");
+}
+
+fn resumed(effects: &[Effect]) -> Vec<Ctx> {
+    effects
+        .iter()
+        .filter_map(|e| if let Effect::ResumeResponse { ctx } = e { Some(*ctx) } else { None })
+        .collect()
+}
+
+fn signals(effects: &[Effect]) -> usize {
+    effects.iter().filter(|e| matches!(e, Effect::Enqueue { .. })).count()
+}
+
+#[test]
+fn one_release_signal_lets_go_of_every_chunk_held_before_it_arrives() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    for (ctx, user) in [(20, "ann"), (21, "bob"), (22, "cy")] {
+        h.open(ctx, &jwt(user, 600), user, 600);
+    }
+    // Three streams hold a chunk before the worker's queue comes round: one signal for all.
+    assert_eq!(h.body(20, b"data: a\n\n", false), Flow::Pause);
+    assert_eq!(h.body(21, b"data: b\n\n", false), Flow::Pause);
+    assert_eq!(h.body(22, b"data: c\n\n", false), Flow::Pause);
+    // One of them ends meanwhile: Envoy lets its bytes go with the end of stream.
+    assert_eq!(h.body(22, b"", true), Flow::Continue);
+    assert_eq!(signals(&h.take()), 1);
+    h.released();
+    let mut resumed = resumed(&h.take());
+    resumed.sort_unstable();
+    assert_eq!(resumed, vec![20, 21]);
+    // The next chunk needs a new signal, and a signal with nothing held releases nothing.
+    assert_eq!(h.body(20, b"data: d\n\n", false), Flow::Pause);
+    assert_eq!(signals(&h.take()), 1);
+    h.released();
+    assert_eq!(self::resumed(&h.take()), vec![20]);
+    h.released();
+    assert!(h.take().is_empty());
 }
