@@ -6,8 +6,11 @@
 //! heartbeat, challenge, maximum duration and re-verification settings.
 //!
 //! An Envoy model performs the effects as `src/host/apply.rs` does: a chunk the engine holds
-//! (`Flow::Pause`) stays in the response buffer until a release; an `Inject` appends to that buffer
-//! and releases it, and fails when nothing is held; a `ReplaceChunk` replaces the chunk in flight.
+//! (`Flow::Pause`) stays in the response buffer until a release, and a chunk arriving meanwhile is
+//! handed over after it (the body callback sees the held bytes again, then the new ones); an
+//! `Inject` appends to that buffer and releases it, and fails when nothing is held; a
+//! `ReplaceChunk` rewrites the buffer in flight. Some responses declare their length
+//! (`content-length`), which their chunks then may or may not respect.
 //! What the client receives is kept as segments (upstream bytes, or one injection).
 //!
 //! Properties: no panic (overflow checks on); the upstream bytes the client receives are exactly
@@ -83,6 +86,8 @@ struct Input {
     max: u16,
     reverify: u8,
     ttls: [u16; STREAMS],
+    /// A `content-length` for each stream's response, if any.
+    lengths: [Option<u16>; STREAMS],
     ops: Vec<Op>,
 }
 
@@ -159,6 +164,37 @@ fn upstream_text(segs: &[Seg]) -> Vec<u8> {
     segs.iter().flat_map(|s| if let Seg::Up(b) = s { b.clone() } else { Vec::new() }).collect()
 }
 
+/// Every byte of the segments, as the client gets them.
+fn all_bytes(segs: &[Seg]) -> Vec<u8> {
+    segs.iter()
+        .flat_map(|s| match s {
+            Seg::Up(b) | Seg::Injected(b, _) => b.clone(),
+        })
+        .collect()
+}
+
+/// The segments before and after byte `at` (an upstream segment is cut in two there), or `None`
+/// when `at` falls inside an injection (the engine splices only into upstream bytes).
+fn split_segments(segs: &[Seg], at: usize) -> Option<(Vec<Seg>, Vec<Seg>)> {
+    let (mut head, mut tail, mut pos) = (Vec::new(), Vec::new(), 0usize);
+    for seg in segs {
+        let len = match seg {
+            Seg::Up(b) | Seg::Injected(b, _) => b.len(),
+        };
+        if pos + len <= at {
+            head.push(seg.clone());
+        } else if pos >= at {
+            tail.push(seg.clone());
+        } else {
+            let Seg::Up(b) = seg else { return None };
+            head.push(Seg::Up(b[..at - pos].to_vec()));
+            tail.push(Seg::Up(b[at - pos..].to_vec()));
+        }
+        pos += len;
+    }
+    Some((head, tail))
+}
+
 impl Host {
     fn deliver(&mut self, ctx: Ctx) {
         if let Some(c) = self.clients.get_mut(&ctx) {
@@ -210,15 +246,18 @@ impl Host {
                 self.calls.push(self.next_token);
                 Some(Receipt::Dispatched { key, from, token: Some(self.next_token) })
             }
-            Effect::ReplaceChunk { ctx, bytes, .. } => {
+            Effect::ReplaceChunk { ctx, size, bytes } => {
                 assert_eq!(chunk_of, Some(ctx), "a chunk replaced outside its body callback");
                 let c = self.clients.get_mut(&ctx)?;
-                // The chunk in flight is the last held segment (or about to be delivered).
-                let Some(Seg::Up(original)) = c.held.pop() else {
+                // The buffer in flight: what was held, then the new chunk (the last segment).
+                let original = all_bytes(&c.held);
+                assert_eq!(size, original.len(), "a replacement of another size than the buffer");
+                let Some(Seg::Up(new)) = c.held.last().cloned() else {
                     panic!("no chunk in flight to replace");
                 };
-                if bytes.is_empty() {
-                    // Dropped: after `expired`, nothing of the upstream goes on.
+                if bytes.len() < original.len() {
+                    // Dropped: after `expired`, nothing new of the upstream goes on (what was held
+                    // before stays).
                     assert!(
                         c.segments
                             .iter()
@@ -226,7 +265,9 @@ impl Host {
                             .any(|s| matches!(s, Seg::Injected(b, _) if b.starts_with(b"event: expired"))),
                         "upstream bytes dropped before the stream expired"
                     );
-                    let keep = c.upstream.len() - original.len();
+                    assert_eq!(bytes, original[..original.len() - new.len()], "held bytes dropped");
+                    c.held.pop();
+                    let keep = c.upstream.len() - new.len();
                     c.upstream.truncate(keep);
                 } else {
                     // The chunk with one injection spliced in: upstream bytes around it, unchanged.
@@ -245,14 +286,23 @@ impl Host {
                         .collect();
                     assert!(!fits.is_empty(), "a replaced chunk is not the chunk plus one injection");
                     let on_boundary = |at: usize| {
-                        let mut before = stream_so_far.clone();
-                        before.extend_from_slice(&original[..at]);
-                        injectable(&before, original.get(at).copied())
+                        split_segments(&c.held, at).is_some_and(|(head, _)| {
+                            let mut before = stream_so_far.clone();
+                            before.extend_from_slice(&upstream_text(&head));
+                            injectable(&before, original.get(at).copied())
+                        })
                     };
-                    let (at, inj) = fits.iter().find(|(at, _)| on_boundary(*at)).copied().unwrap_or(fits[0]);
-                    c.held.push(Seg::Up(original[..at].to_vec()));
-                    c.held.push(Seg::Injected(inj.to_vec(), original.get(at).copied()));
-                    c.held.push(Seg::Up(original[at..].to_vec()));
+                    let splittable = |at: usize| split_segments(&c.held, at).is_some();
+                    let (at, inj) = fits
+                        .iter()
+                        .find(|(at, _)| on_boundary(*at))
+                        .or_else(|| fits.iter().find(|(at, _)| splittable(*at)))
+                        .copied()
+                        .unwrap_or_else(|| panic!("an injection spliced inside another"));
+                    let (mut head, tail) = split_segments(&c.held, at).unwrap_or_default();
+                    head.push(Seg::Injected(inj.to_vec(), original.get(at).copied()));
+                    head.extend(tail);
+                    c.held = head;
                 }
                 Some(Receipt::Written { ctx })
             }
@@ -279,7 +329,7 @@ impl Host {
         }
     }
 
-    fn open(&mut self, ctx: Ctx, user: &str, ttl: u64) {
+    fn open(&mut self, ctx: Ctx, user: &str, ttl: u64, length: Option<u16>) {
         let tok = token(user, ctx);
         self.secrets.push(tok.clone());
         let headers = vec![
@@ -295,10 +345,13 @@ impl Host {
         let verdict = format!(r#"{{"valid":true,"user_id":"{user}","expires_at":{expiry}}}"#);
         self.engine.call_answered(call, Some(200), verdict.as_bytes(), self.now);
         self.run(Flow::Continue, None);
-        let sse = vec![
+        let mut sse = vec![
             (":status".to_string(), b"200".to_vec()),
             ("content-type".to_string(), b"text/event-stream".to_vec()),
         ];
+        if let Some(n) = length {
+            sse.push(("content-length".to_string(), n.to_string().into_bytes()));
+        }
         self.engine.response_headers(ctx, &sse, self.now);
         self.run(Flow::Continue, None);
         self.clients.insert(ctx, Client { user: user.to_string(), expiry, ..Client::default() });
@@ -311,9 +364,15 @@ impl Host {
             return;
         }
         c.upstream.extend_from_slice(&bytes);
-        c.held.push(Seg::Up(bytes.clone()));
+        // While a chunk is held, the body callback gets the held bytes again, then the new ones.
+        if !c.holding {
+            let held = std::mem::take(&mut c.held);
+            c.segments.extend(held);
+        }
+        c.held.push(Seg::Up(bytes));
+        let buffer = all_bytes(&c.held);
         self.current = ctx;
-        let flow = self.engine.response_body(ctx, bytes.len(), eos, &mut Bytes(&bytes), self.now);
+        let flow = self.engine.response_body(ctx, buffer.len(), eos, &mut Bytes(&buffer), self.now);
         let flow = self.run(flow, Some(ctx));
         let c = self.clients.get_mut(&ctx).unwrap_or_else(|| panic!("lost {ctx}"));
         c.holding = flow == Flow::Pause;
@@ -430,7 +489,7 @@ fuzz_target!(|x: Input| {
     h.run(Flow::Continue, None);
     for (i, ttl) in x.ttls.iter().enumerate() {
         let ctx = 10 + i as Ctx;
-        h.open(ctx, &format!("user{}", i % 2), 1 + u64::from(*ttl % 300));
+        h.open(ctx, &format!("user{}", i % 2), 1 + u64::from(*ttl % 300), x.lengths[i]);
     }
     let ctx_of = |s: u8| 10 + Ctx::from(s) % STREAMS as Ctx;
     let mut refreshes = 100u32;

@@ -3,14 +3,16 @@
 //! event, follows refreshes and re-verifies its credential.
 //!
 //! How bytes get into a live response (docs/envoy-host.md): Envoy only lets the filter write into
-//! a response body while it holds that body. So every upstream chunk is held (`Flow::Pause`) and
-//! released at once through the worker's own queue: one empty message (`Effect::Enqueue`) wakes the
-//! worker, and `released` lets go of every chunk held since (one signal for all the streams that
-//! held a chunk in the meantime; an empty message costs the host no allocation inside the VM).
-//! Between chunks the stream stays in that holding state, so a timer can append an injection and
-//! release it. Bodies over `HOLD_MAX` (floods) are not held: injections then wait for the next (small)
-//! chunk. Injections go only where `Framing` says an upstream event has ended; one due while an
-//! event is half through waits for the chunk that ends it and is spliced in right after that event.
+//! a response body while it holds that body. So an upstream chunk after which something may have
+//! to be written is held (`Flow::Pause`) and released at once through the worker's own queue: one
+//! empty message (`Effect::Enqueue`) wakes the worker, and `released` lets go of every chunk held
+//! since (one signal for all the streams that held a chunk in the meantime; an empty message costs
+//! the host no allocation inside the VM). Between chunks the stream stays in that holding state, so
+//! a timer can append an injection and release it. Chunks after which nothing could be written
+//! are not held (`body`): the one that completes a declared length, one that ends inside an
+//! upstream event, and floods (`HOLD_MAX`); injections then wait for the next chunk. Injections go
+//! only where `Framing` says an upstream event has ended; one due while an event is half through
+//! waits for the chunk that ends it and is spliced in right after that event.
 //!
 //! A stream's expiry comes only from its own credential's verdicts: the one it opened with, a
 //! refresh posted while it was open (on this worker at once, from another worker through the
@@ -97,6 +99,11 @@ struct Live {
     held: bool,
     /// The held chunk waits for the worker's release signal.
     releasing: bool,
+    /// Bytes in the held buffer when it was last held (what Envoy hands over again, with new
+    /// bytes appended, if a chunk arrives before the release).
+    buffered: usize,
+    /// Bytes the upstream has still to send, when its response declared a length.
+    remaining: Option<u64>,
     /// `event: expired` went out; the stream is ended at this time (after the bytes are flushed).
     close_at_ms: Option<u64>,
     /// The upstream compressed the stream (`content-encoding` other than `identity`): nothing can
@@ -298,9 +305,11 @@ impl Streams {
             io.tally.inc(Metric::StreamsEncoded);
         });
         // Injected bytes change the length: let Envoy frame the body itself.
-        if encoded.is_none() && find(headers, "content-length").is_some() {
+        let declared = find(headers, "content-length");
+        if encoded.is_none() && declared.is_some() {
             io.out.push(Effect::RemoveResponseHeader { ctx, name: "content-length" });
         }
+        let remaining = declared.and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
         let now_ms = io.now_ms;
         let session = Session::new(&io.cfg.sse, now_ms, identity.as_ref().map(|i| i.expires_at));
         let auth = identity.map(|i| {
@@ -332,6 +341,8 @@ impl Streams {
             writing: None,
             held: false,
             releasing: false,
+            buffered: 0,
+            remaining,
             close_at_ms: None,
             encoded: encoded.is_some(),
         };
@@ -342,7 +353,16 @@ impl Streams {
     }
 
     /// A chunk of the upstream body: observe its framing, splice in a waiting injection at the end
-    /// of an event, and hold it for release through the queue (so the buffer stays writable).
+    /// of an event, and hold it for release through the queue when an injection may have to
+    /// follow it while the stream is idle (the buffer stays writable).
+    ///
+    /// Held lazily: a chunk goes on unheld when holding it could never let anything be written
+    /// after it. That is a chunk after which nothing but the end of the stream comes (it completes
+    /// the length the response declared), a chunk that ends inside an upstream event (nothing may
+    /// be written there: a later chunk ends the event, and a waiting injection is spliced into that
+    /// one), a flood chunk (`HOLD_MAX`), and the end of the stream. An unheld chunk with nothing
+    /// waiting to be injected is not even read. Every other chunk is held, the last one before a
+    /// silence included, so heartbeats and expiry still reach an idle stream.
     pub(crate) fn body<S: SharedStore + ?Sized>(
         &mut self,
         io: &mut Io<S>,
@@ -356,9 +376,17 @@ impl Streams {
             return Flow::Continue;
         };
         let now_ms = io.now_ms;
+        // While a held chunk waits for its release, Envoy hands it over again with the new bytes
+        // appended: only the bytes after it are new.
+        let seen = if live.releasing { live.buffered.min(size) } else { 0 };
+        let fresh = size - seen;
         if live.session.finished() {
-            // `event: expired` went out: nothing of the upstream follows it.
-            io.out.push(Effect::ReplaceChunk { ctx, size, bytes: Vec::new() });
+            // `event: expired` went out: nothing of the upstream follows it (what Envoy still held
+            // from before stays).
+            let kept = if seen > 0 { reader.read(0, seen) } else { Vec::new() };
+            io.out.push(Effect::ReplaceChunk { ctx, size, bytes: kept });
+            live.held = false;
+            live.releasing = false;
             return Flow::Continue;
         }
         if live.encoded {
@@ -368,34 +396,53 @@ impl Streams {
             }
             return Flow::Continue;
         }
-        // With nothing waiting to be injected only the chunk's end state matters: read its last bytes
-        // instead of scanning all of it (a flood delivers up to a megabyte per chunk).
-        let tail_read = size > TAIL_BYTES && live.pending.is_none() && {
-            let tail = reader.read(size - TAIL_BYTES, TAIL_BYTES);
-            tail.len() == TAIL_BYTES && live.framing.advance(size, &tail)
-        };
-        if !tail_read && size > 0 {
-            let chunk = reader.read(0, size);
-            let boundary = live.framing.feed(&chunk);
-            if let (Some(injection), Some(at)) = (live.pending, boundary) {
-                let bytes = framing::splice(&chunk, at, injection.bytes());
-                io.out.push(Effect::ReplaceChunk { ctx, size: chunk.len(), bytes });
-                live.pending = None;
-                live.writing = Some(injection);
+        // The chunk that completes a declared length is followed only by the end of the stream.
+        let completes = live.remaining.as_mut().is_some_and(|r| {
+            *r = r.saturating_sub(fresh as u64);
+            *r == 0
+        });
+        let may_hold = queue && !end_of_stream && size <= HOLD_MAX && !completes;
+        if fresh > 0 {
+            if live.pending.is_some() {
+                // Something waits for the end of an event: find it in the new bytes. The whole
+                // buffer is read, as the splice rewrites it from its start.
+                let chunk = reader.read(0, size);
+                let boundary = live.framing.feed(chunk.get(seen..).unwrap_or_default());
+                if let (Some(injection), Some(at)) = (live.pending, boundary) {
+                    let bytes = framing::splice(&chunk, seen + at, injection.bytes());
+                    live.buffered = bytes.len();
+                    io.out.push(Effect::ReplaceChunk { ctx, size: chunk.len(), bytes });
+                    live.pending = None;
+                    live.writing = Some(injection);
+                }
+            } else if may_hold {
+                // Only the chunk's end state matters (whether an injection may follow it): read
+                // its last bytes instead of all of it.
+                let tail_read = fresh > TAIL_BYTES && {
+                    let tail = reader.read(size - TAIL_BYTES, TAIL_BYTES);
+                    tail.len() == TAIL_BYTES && live.framing.advance(fresh, &tail)
+                };
+                if !tail_read {
+                    live.framing.feed(&reader.read(seen, fresh));
+                }
+            } else {
+                live.framing.forget();
             }
-        }
-        if tail_read || size > 0 {
             live.session.on_sent(now_ms, true);
         }
         if end_of_stream {
             io.out.push(Effect::SetEnd { ctx, reason: "upstream_end" });
         }
-        if end_of_stream || size > HOLD_MAX || !queue {
+        let expiring = matches!(live.writing, Some(Injection::Expired(_)));
+        if !may_hold || expiring || !live.framing.at_boundary() {
             // Continue lets everything Envoy holds for the stream go (a release still on its way
-            // then finds nothing to do).
+            // then finds nothing to do). After `expired` nothing more is written.
             live.held = false;
             live.releasing = false;
             return Flow::Continue;
+        }
+        if live.writing.is_none() {
+            live.buffered = size;
         }
         live.held = true;
         if !live.releasing {
@@ -446,8 +493,11 @@ impl Streams {
         match effect {
             Effect::Inject { .. } | Effect::ReplaceChunk { .. } => {
                 // Not written: wait again (an `Inject` that failed means the body is not held).
-                if matches!(effect, Effect::Inject { .. }) {
-                    live.held = false;
+                match effect {
+                    Effect::Inject { .. } => live.held = false,
+                    // The buffer kept its bytes.
+                    Effect::ReplaceChunk { size, .. } => live.buffered = *size,
+                    _ => {}
                 }
                 if let Some(injection) = live.writing.take() {
                     if live.pending.is_none() {
@@ -560,10 +610,11 @@ impl Streams {
                     // Its receipt schedules what comes next.
                     continue;
                 } else if matches!(injection, Injection::Expired(_))
-                    && (!live.held || now_ms.saturating_sub(live.pending_since_ms) >= EXPIRED_WAIT_MS)
+                    && ((!live.held && live.framing.at_boundary())
+                        || now_ms.saturating_sub(live.pending_since_ms) >= EXPIRED_WAIT_MS)
                 {
-                    // Nowhere to write the event (no body yet, or an upstream event never ends):
-                    // end the stream without it.
+                    // Nowhere to write the event (no body yet, a body let through whole, or an
+                    // upstream event that never ends): end the stream without it.
                     live.pending = None;
                     live.session.mark_sent(injection, now_ms);
                     io.tally.inc(Metric::StreamsExpired);

@@ -83,6 +83,11 @@ struct Host {
     gone: Vec<Ctx>,
     /// `Inject` succeeds only on a held body.
     held: HashMap<Ctx, bool>,
+    /// The bytes Envoy holds for a stream until their release: a chunk arriving meanwhile is handed
+    /// over after them, as Envoy does.
+    buffers: HashMap<Ctx, Vec<u8>>,
+    /// What a `ReplaceChunk` made of the chunk in flight.
+    replaced: HashMap<Ctx, Vec<u8>>,
     tick_ms: u64,
     metrics: HashMap<&'static str, i64>,
     /// The client address of the next requests.
@@ -100,6 +105,8 @@ impl Host {
             done: Vec::new(),
             gone: Vec::new(),
             held: HashMap::new(),
+            buffers: HashMap::new(),
+            replaced: HashMap::new(),
             tick_ms: 0,
             metrics: HashMap::new(),
             address: "10.0.0.1:40000".to_string(),
@@ -127,11 +134,19 @@ impl Host {
                         Some(Receipt::Dispatched { key: *key, from: *from, token: Some(self.next_token) })
                     }
                     Effect::Inject { ctx, .. } => Some(if self.held.get(ctx) == Some(&true) {
+                        self.buffers.remove(ctx);
                         Receipt::Written { ctx: *ctx }
                     } else {
                         Receipt::Failed(effect.clone())
                     }),
-                    Effect::ReplaceChunk { ctx, .. } => Some(Receipt::Written { ctx: *ctx }),
+                    Effect::ReplaceChunk { ctx, bytes, .. } => {
+                        self.replaced.insert(*ctx, bytes.clone());
+                        Some(Receipt::Written { ctx: *ctx })
+                    }
+                    Effect::ResumeResponse { ctx } => {
+                        self.buffers.remove(ctx);
+                        None
+                    }
                     Effect::SetTick { ms } => {
                         self.tick_ms = *ms;
                         None
@@ -212,12 +227,24 @@ impl Host {
         self.run();
     }
 
+    /// Upstream bytes for stream `ctx`: the body callback gets them after whatever Envoy still
+    /// holds for the stream.
     fn body(&mut self, ctx: Ctx, bytes: &[u8], eos: bool) -> Flow {
+        let mut buffer = if self.held.get(&ctx) == Some(&true) {
+            self.buffers.remove(&ctx).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        buffer.extend_from_slice(bytes);
         self.held.insert(ctx, false);
-        let flow = self.engine.response_body(ctx, bytes.len(), eos, &mut Chunk(bytes), self.now);
+        let flow = self.engine.response_body(ctx, buffer.len(), eos, &mut Chunk(&buffer), self.now);
         let flow = self.run().unwrap_or(flow);
+        let buffer = self.replaced.remove(&ctx).unwrap_or(buffer);
         // A paused body callback leaves the body buffer with the filter (writable from a timer).
         self.held.insert(ctx, flow == Flow::Pause);
+        if flow == Flow::Pause {
+            self.buffers.insert(ctx, buffer);
+        }
         flow
     }
 
@@ -426,13 +453,14 @@ fn expiry_while_a_chunk_is_held() {
 }
 
 #[test]
-fn heartbeats_need_a_held_chunk_and_wait_for_the_event_boundary() {
+fn a_chunk_ending_inside_an_event_goes_on_unheld_and_the_heartbeat_waits_for_the_boundary() {
     let mut h = Host::new(cfg(r#","sse":{"heartbeat_interval_sec":1}"#), MemStore::new());
     h.open(70, &jwt("gina", 600), "gina", 600);
-    // Half an event arrives and is held: the heartbeat due meanwhile waits for its end...
+    // Half an event arrives and goes on unheld (nothing may be written after it): the heartbeat
+    // due meanwhile waits for its end...
     h.tick_until(h.now + 500);
-    assert_eq!(h.body(70, b"data: par", false), Flow::Pause);
-    h.released();
+    assert_eq!(h.body(70, b"data: par", false), Flow::Continue);
+    assert_eq!(signals(&h.take()), 0);
     h.tick_until(h.now + 1_100);
     assert!(!h.take().iter().any(|e| matches!(e, Effect::Inject { .. })));
     // ...and is spliced in right after it.
@@ -1316,4 +1344,108 @@ fn one_release_signal_lets_go_of_every_chunk_held_before_it_arrives() {
     assert_eq!(self::resumed(&h.take()), vec![20]);
     h.released();
     assert!(h.take().is_empty());
+}
+
+/// A reader that counts how often the engine reads the chunk.
+struct Counted<'a>(&'a [u8], usize);
+
+impl ChunkReader for Counted<'_> {
+    fn read(&mut self, start: usize, len: usize) -> Vec<u8> {
+        self.1 += 1;
+        Chunk(self.0).read(start, len)
+    }
+}
+
+fn response_with_length(len: usize) -> Vec<(String, Vec<u8>)> {
+    let mut headers = sse_response();
+    headers.push(("content-length".into(), len.to_string().into_bytes()));
+    headers
+}
+
+#[test]
+fn the_chunk_that_completes_a_declared_length_goes_on_unheld_and_unread() {
+    let mut h = Host::new(cfg(r#","sse":{"heartbeat_interval_sec":1}"#), MemStore::new());
+    let token = jwt("dora", 600);
+    assert_eq!(h.request(30, &get("/events/news", &token)), Flow::Pause);
+    let (call, _) = h.pending_calls()[0];
+    h.answer(call, 200, &verdict("dora", 600));
+    h.engine.response_headers(30, &response_with_length(13), h.now);
+    h.run();
+    assert!(h.take().contains(&Effect::RemoveResponseHeader { ctx: 30, name: "content-length" }));
+    // A one-event response: its body, then the end of the stream. Nothing to hold, nothing to read.
+    let mut reader = Counted(b"data: hello\n\n", 0);
+    assert_eq!(h.engine.response_body(30, 13, false, &mut reader, h.now), Flow::Continue);
+    h.run();
+    assert_eq!((reader.1, signals(&h.take())), (0, 0));
+    assert_eq!(h.body(30, b"", true), Flow::Continue);
+    // Before the declared length is complete, a chunk at an event boundary is held as usual.
+    h.engine.response_headers(31, &response_with_length(26), h.now);
+    h.run();
+    assert_eq!(h.body(31, b"data: hello\n\n", false), Flow::Pause);
+    assert_eq!(signals(&h.take()), 1);
+    h.released();
+    assert_eq!(h.body(31, b"data: again\n\n", false), Flow::Continue);
+}
+
+#[test]
+fn a_chunk_handed_over_again_before_its_release_is_counted_and_observed_once() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    h.engine.response_headers(32, &response_with_length(27), h.now);
+    h.run();
+    assert_eq!(h.body(32, b"data: a\n\n", false), Flow::Pause);
+    // The next chunk arrives before the release: Envoy hands over the held bytes again with it.
+    // 18 bytes of 27 arrived, not 27: still held.
+    let mut reader = Counted(b"data: a\n\ndata: b\n\n", 0);
+    assert_eq!(h.engine.response_body(32, 18, false, &mut reader, h.now), Flow::Pause);
+    h.run();
+    h.buffers.insert(32, b"data: a\n\ndata: b\n\n".to_vec());
+    h.released();
+    assert_eq!(resumed(&h.take()), vec![32]);
+    // Released: the next callback has only the new bytes, which complete the length.
+    assert_eq!(h.body(32, b"data: c\n\n", false), Flow::Continue);
+}
+
+#[test]
+fn a_stream_that_goes_quiet_right_after_a_burst_still_gets_heartbeats_and_its_expiry() {
+    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.open(33, &jwt("eve", 5), "eve", 5);
+    // A burst: events in quick succession, some split across chunks, then silence.
+    for chunk in [&b"data: 1\n\ndata: 2\n\ndata: 3"[..], b"\n\ndata: 4\n", b"\n", b"data: 5\n\n"] {
+        h.body(33, chunk, false);
+        h.advance(1);
+    }
+    h.released();
+    h.take();
+    h.tick_until(h.now + 2_100);
+    let effects = h.take();
+    let heartbeats = effects
+        .iter()
+        .filter(|e| matches!(e, Effect::Inject { bytes, .. } if *bytes == Injection::Heartbeat.bytes()))
+        .count();
+    assert_eq!(heartbeats, 2, "{effects:?}");
+    h.tick_until(T0 + 5_200);
+    let effects = h.take();
+    let expired = Injection::Expired(ExpiryReason::TokenExpired);
+    assert!(effects.contains(&Effect::Inject { ctx: 33, bytes: expired.bytes() }), "{effects:?}");
+    assert!(effects.contains(&Effect::Close { ctx: 33 }), "{effects:?}");
+}
+
+#[test]
+fn an_expiry_on_an_unheld_stream_waits_for_the_end_of_the_event_like_a_held_one() {
+    let extra = r#","sse":{"challenge_before_expiry_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.open(34, &jwt("fay", 2), "fay", 2);
+    assert_eq!(h.body(34, b"data: long", false), Flow::Continue);
+    h.take();
+    h.tick_until(T0 + 2_500);
+    assert!(!h.take().iter().any(|e| matches!(e, Effect::Close { .. })));
+    h.body(34, b" event\n\n", false);
+    let expired = Injection::Expired(ExpiryReason::TokenExpired);
+    let mut spliced = b" event\n\n".to_vec();
+    spliced.extend_from_slice(expired.bytes());
+    assert!(h.take().contains(&Effect::ReplaceChunk { ctx: 34, size: 8, bytes: spliced }));
+    // After `expired` nothing is held; the stream ends.
+    h.tick_until(h.now + 200);
+    assert!(h.take().contains(&Effect::Close { ctx: 34 }));
 }

@@ -112,6 +112,14 @@ impl Framing {
         true
     }
 
+    /// Bytes went by unobserved (a chunk let through unread): assume the position least likely to
+    /// be a boundary, inside a line, until later bytes tell. From there every boundary `feed`
+    /// reports, and every `at_boundary()`, holds whatever the unobserved bytes were; a later
+    /// chunk's text makes the state exact again.
+    pub fn forget(&mut self) {
+        self.state = State::InLine;
+    }
+
     /// The byte at offset `i` starts a line: an LF or CR here ends a blank line.
     fn line_start(byte: u8, i: usize, last: &mut Option<usize>) -> State {
         match byte {
@@ -451,6 +459,47 @@ mod tests {
             events > 5_000 && injections > 10_000 && zero_offsets > 50,
             "{events} {injections} {zero_offsets}"
         );
+    }
+
+    /// `forget` is safe: for every state the unobserved bytes could have left, and every chunk
+    /// over the bytes that matter (up to 6 long), what is reported after `forget` is also true
+    /// from that state: each boundary offset, and `at_boundary()` at the end.
+    #[test]
+    fn after_forget_every_reported_boundary_is_a_boundary_whatever_came_before() {
+        let alphabet = [b'a', b'\r', b'\n'];
+        let prefixes: [&[u8]; 7] = [b"", b"a", b"a\n", b"a\r", b"a\n\n", b"\r", b"a\r\n"];
+        let mut chunks: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut layer: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..6 {
+            layer = layer.iter().flat_map(|c| alphabet.map(|b| [c.as_slice(), &[b]].concat())).collect();
+            chunks.extend(layer.iter().cloned());
+        }
+        let mut reported = 0;
+        for chunk in &chunks {
+            let mut forgot = Framing::new();
+            forgot.forget();
+            let assumed = forgot.feed(chunk);
+            for prefix in prefixes {
+                let mut truth = Framing::new();
+                truth.feed(prefix);
+                // Every boundary the real state passes through in this chunk.
+                let mut real = Vec::new();
+                let mut t = truth;
+                for i in 0..chunk.len() {
+                    if let Some(at) = t.feed(&chunk[i..=i]) {
+                        real.push(i + at);
+                    }
+                }
+                if let Some(at) = assumed {
+                    assert!(real.contains(&at), "prefix {prefix:?} chunk {chunk:?}: {at} is no boundary");
+                    reported += 1;
+                }
+                if forgot.at_boundary() {
+                    assert!(t.at_boundary(), "prefix {prefix:?} chunk {chunk:?}");
+                }
+            }
+        }
+        assert!(reported > 1_000, "{reported}");
     }
 
     #[test]
