@@ -255,7 +255,7 @@ impl Host {
                 let Some(Seg::Up(new)) = c.held.last().cloned() else {
                     panic!("no chunk in flight to replace");
                 };
-                if bytes.len() < original.len() {
+                if original.starts_with(&bytes) && bytes.len() + new.len() == original.len() {
                     // Dropped: after `expired`, nothing new of the upstream goes on (what was held
                     // before stays).
                     assert!(
@@ -270,7 +270,8 @@ impl Host {
                     let keep = c.upstream.len() - new.len();
                     c.upstream.truncate(keep);
                 } else {
-                    // The chunk with one injection spliced in: upstream bytes around it, unchanged.
+                    // The chunk with one injection spliced in: upstream bytes around it, unchanged,
+                    // except after `expired`, where the rest of the chunk goes.
                     // (Where a known injection fits several ways, the place that is an event
                     // boundary is taken; `check` refuses the splice if none is.)
                     let stream_so_far = upstream_text(&c.segments);
@@ -278,10 +279,12 @@ impl Host {
                         .iter()
                         .flat_map(|inj| (0..=original.len()).map(move |at| (at, *inj)))
                         .filter(|(at, inj)| {
-                            bytes.len() == original.len() + inj.len()
+                            let rest =
+                                if inj.starts_with(b"event: expired") { &[][..] } else { &original[*at..] };
+                            bytes.len() == at + inj.len() + rest.len()
                                 && bytes[..*at] == original[..*at]
                                 && &bytes[*at..*at + inj.len()] == *inj
-                                && bytes[*at + inj.len()..] == original[*at..]
+                                && bytes[*at + inj.len()..] == *rest
                         })
                         .collect();
                     assert!(!fits.is_empty(), "a replaced chunk is not the chunk plus one injection");
@@ -301,7 +304,15 @@ impl Host {
                         .unwrap_or_else(|| panic!("an injection spliced inside another"));
                     let (mut head, tail) = split_segments(&c.held, at).unwrap_or_default();
                     head.push(Seg::Injected(inj.to_vec(), original.get(at).copied()));
-                    head.extend(tail);
+                    if inj.starts_with(b"event: expired") {
+                        // The upstream bytes after it were dropped (they are of the new chunk).
+                        let dropped = upstream_text(&tail).len();
+                        assert_eq!(dropped, original.len() - at, "held bytes dropped");
+                        let keep = c.upstream.len() - dropped;
+                        c.upstream.truncate(keep);
+                    } else {
+                        head.extend(tail);
+                    }
                     c.held = head;
                 }
                 Some(Receipt::Written { ctx })

@@ -383,8 +383,10 @@ impl Streams {
         if live.session.finished() {
             // `event: expired` went out: nothing of the upstream follows it (what Envoy still held
             // from before stays).
-            let kept = if seen > 0 { reader.read(0, seen) } else { Vec::new() };
-            io.out.push(Effect::ReplaceChunk { ctx, size, bytes: kept });
+            if fresh > 0 {
+                let kept = if seen > 0 { reader.read(0, seen) } else { Vec::new() };
+                io.out.push(Effect::ReplaceChunk { ctx, size, bytes: kept });
+            }
             live.held = false;
             live.releasing = false;
             return Flow::Continue;
@@ -409,7 +411,12 @@ impl Streams {
                 let chunk = reader.read(0, size);
                 let boundary = live.framing.feed(chunk.get(seen..).unwrap_or_default());
                 if let (Some(injection), Some(at)) = (live.pending, boundary) {
-                    let bytes = framing::splice(&chunk, seen + at, injection.bytes());
+                    let mut bytes = framing::splice(&chunk, seen + at, injection.bytes());
+                    if matches!(injection, Injection::Expired(_)) {
+                        // Nothing of the upstream follows `expired`: the rest of the chunk (the
+                        // start of an event it does not finish) goes too.
+                        bytes.truncate(seen + at + injection.bytes().len());
+                    }
                     live.buffered = bytes.len();
                     io.out.push(Effect::ReplaceChunk { ctx, size: chunk.len(), bytes });
                     live.pending = None;

@@ -1449,3 +1449,20 @@ fn an_expiry_on_an_unheld_stream_waits_for_the_end_of_the_event_like_a_held_one(
     h.tick_until(h.now + 200);
     assert!(h.take().contains(&Effect::Close { ctx: 34 }));
 }
+
+#[test]
+fn nothing_of_the_upstream_follows_an_expired_event_spliced_into_a_chunk() {
+    let extra = r#","sse":{"challenge_before_expiry_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.open(35, &jwt("gus", 2), "gus", 2);
+    h.body(35, b"data: long", false);
+    h.take();
+    h.tick_until(T0 + 2_500);
+    // The chunk ends the event and starts the next: `expired` goes after the first, and the start
+    // of the next never reaches the client.
+    h.body(35, b"\n\ndata: y", false);
+    let expired = Injection::Expired(ExpiryReason::TokenExpired);
+    let mut spliced = b"\n\n".to_vec();
+    spliced.extend_from_slice(expired.bytes());
+    assert!(h.take().contains(&Effect::ReplaceChunk { ctx: 35, size: 9, bytes: spliced }));
+}
