@@ -108,8 +108,14 @@ fuzz_target!(|input: Input| {
             );
             assert_eq!(v.key(), cache::key(&v.credential.value, &v.topic_id));
             assert_eq!(v.cacheable, v.credential.kind == Kind::Jwt && cfg.verifier.cache_ttl_sec > 0);
-            if v.credential.kind == Kind::Jwt && cfg.verifier.precheck {
+            // The precheck ran here and passed, or is left to the verifier for a request to forward
+            // that the cache may answer (the verifier runs it unless the worker's cache knows the
+            // token).
+            let prechecked = v.credential.kind == Kind::Jwt && cfg.verifier.precheck;
+            assert_eq!(v.precheck_due, prechecked && v.cacheable && !v.reauth);
+            if prechecked && !v.precheck_due {
                 assert_eq!(precheck::check(&v.credential.value, input.now), Ok(()));
+                assert!(v.claims.is_some_and(|c| c.unexpired(input.now)));
             }
             if v.reauth {
                 assert!(reauth_possible);

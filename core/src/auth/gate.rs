@@ -50,6 +50,11 @@ pub struct Verification {
     pub client: Option<[u8; 32]>,
     /// This verification is its client's half-open probe.
     pub client_probe: bool,
+    /// The precheck is still to run (`precheck`): it was left to the verifier, which skips it when
+    /// the worker's own cache knows the token (a verdict there keeps the token's `Claims`).
+    pub precheck_due: bool,
+    /// What the precheck read from the token, once it ran.
+    pub claims: Option<precheck::Claims>,
 }
 
 impl Verification {
@@ -140,18 +145,18 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
             return Step::Reply(Reply::new(Code::InvalidToken, "the token is not usable"));
         }
     };
-    if credential.kind == Kind::Jwt && cfg.verifier.precheck {
-        match precheck::check(&credential.value, now_sec) {
-            Ok(()) => {}
-            Err(precheck::Refusal::NotAJwt) => {
-                return Step::Reply(Reply::new(Code::InvalidToken, "the token is not a JWT"));
-            }
-            Err(precheck::Refusal::Expired) => {
-                return Step::Reply(Reply::new(Code::InvalidToken, "the token has expired"));
-            }
+    let cacheable = credential.kind == Kind::Jwt && cfg.verifier.cache_enabled();
+    // A request to forward that the cache may answer leaves the precheck to the verifier: a token
+    // in the worker's cache passed it before, and only its `exp` can have changed since.
+    let prechecked = credential.kind == Kind::Jwt && cfg.verifier.precheck;
+    let precheck_due = prechecked && cacheable && !reauth;
+    let mut claims = None;
+    if prechecked && !precheck_due {
+        match precheck(&credential.value, now_sec) {
+            Ok(c) => claims = Some(c),
+            Err(reply) => return Step::Reply(reply),
         }
     }
-    let cacheable = credential.kind == Kind::Jwt && cfg.verifier.cache_enabled();
     if cfg.development_mode() {
         // Nothing to verify a refresh against: streams in development mode never expire by token.
         return Step::Reply(Reply::new(
@@ -159,7 +164,24 @@ pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
             "development mode: there is no session to re-authorize",
         ));
     }
-    Step::Verify(Verification { credential, topic_id, cacheable, reauth, client: None, client_probe: false })
+    Step::Verify(Verification {
+        credential,
+        topic_id,
+        cacheable,
+        reauth,
+        client: None,
+        client_probe: false,
+        precheck_due,
+        claims,
+    })
+}
+
+/// The precheck of a JWT (`precheck::check`) and the refusal it leads to.
+pub fn precheck(token: &str, now_sec: u64) -> Result<precheck::Claims, Reply> {
+    precheck::check_claims(token, now_sec).map_err(|refusal| match refusal {
+        precheck::Refusal::NotAJwt => Reply::new(Code::InvalidToken, "the token is not a JWT"),
+        precheck::Refusal::Expired => Reply::new(Code::InvalidToken, "the token has expired"),
+    })
 }
 
 #[cfg(test)]
@@ -240,7 +262,9 @@ mod tests {
 
     #[test]
     fn order_of_refusals() {
-        let c = cfg("");
+        // Cache off: the gate runs the precheck itself.
+        let mut c = cfg("");
+        c.verifier.cache_ttl_sec = 0;
         assert_eq!(code(run(&c, "/events/", None)), "no_topic");
         assert_eq!(code(run(&c, "/other", Some("Bearer x"))), "no_topic");
         assert_eq!(code(run(&c, "/events/bad%zz", None)), "no_topic");
@@ -248,6 +272,23 @@ mod tests {
         assert_eq!(code(run(&c, "/events/news", Some("Basic x"))), "malformed_authorization");
         assert_eq!(code(run(&c, "/events/news", Some("Bearer abc"))), "invalid_token");
         assert_eq!(code(run(&c, "/events/news", Some(&format!("Bearer {}", jwt(999))))), "invalid_token");
+    }
+
+    #[test]
+    fn the_precheck_is_left_to_the_verifier_when_the_cache_may_answer() {
+        let c = cfg("");
+        for (token, claims_now) in [("abc".to_string(), None), (jwt(999), None), (jwt(2000), None)] {
+            let Step::Verify(v) = run(&c, "/events/news", Some(&format!("Bearer {token}"))) else { panic!() };
+            assert!(v.precheck_due && v.cacheable && v.claims == claims_now, "{token}");
+        }
+        // A challenge response is prechecked here (it never reads the worker's cache first).
+        assert_eq!(code(post(&c, "/events/news", CHALLENGE_RESPONSE, Some("Bearer abc"))), "invalid_token");
+        let Step::Verify(v) =
+            post(&c, "/events/news", CHALLENGE_RESPONSE, Some(&format!("Bearer {}", jwt(2000))))
+        else {
+            panic!()
+        };
+        assert!(!v.precheck_due && v.claims.is_some_and(|cl| cl.unexpired(1999) && !cl.unexpired(2000)));
     }
 
     #[test]

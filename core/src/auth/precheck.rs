@@ -138,8 +138,32 @@ pub fn claimed_subject(token: &str) -> Option<String> {
     }
 }
 
-/// Checks `token` at time `now_sec` (Unix seconds).
-pub fn check(token: &str, now_sec: u64) -> Result<(), Refusal> {
+/// What the precheck read from a token that has the shape of a JWT: its `exp` claim, the only
+/// part of the verdict that changes with time. A worker that keeps a token's verdict keeps this
+/// with it and answers the precheck again without parsing the token (`Claims::unexpired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claims {
+    /// The `exp` claim as `f64` bits; `None` when absent or null.
+    exp: Option<u64>,
+}
+
+impl Claims {
+    /// The precheck's own comparison: the token has not expired at `now_sec` (Unix seconds).
+    pub fn unexpired(&self, now_sec: u64) -> bool {
+        self.exp.is_none_or(|bits| f64::from_bits(bits) > now_sec as f64)
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tokens parsed by this thread (tests count the parses a path makes).
+    pub static PARSED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The shape of `token` (time aside): its claims, or `NotAJwt`.
+pub fn claims(token: &str) -> Result<Claims, Refusal> {
+    #[cfg(test)]
+    PARSED.with(|n| n.set(n.get() + 1));
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -152,11 +176,27 @@ pub fn check(token: &str, now_sec: u64) -> Result<(), Refusal> {
         return Err(Refusal::NotAJwt);
     }
     match json_object(payload, true).ok_or(Refusal::NotAJwt)? {
-        Exp::Absent | Exp::Null => Ok(()),
-        Exp::Number(Some(exp)) if exp > now_sec as f64 => Ok(()),
-        Exp::Number(_) => Err(Refusal::Expired),
+        Exp::Absent | Exp::Null => Ok(Claims { exp: None }),
+        Exp::Number(Some(exp)) => Ok(Claims { exp: Some(exp.to_bits()) }),
+        // A number `f64` cannot hold never compares later than now.
+        Exp::Number(None) => Ok(Claims { exp: Some(f64::NEG_INFINITY.to_bits()) }),
         // An `exp` that is not a number cannot be honoured by any verifier.
         Exp::Other => Err(Refusal::NotAJwt),
+    }
+}
+
+/// Checks `token` at time `now_sec` (Unix seconds).
+pub fn check(token: &str, now_sec: u64) -> Result<(), Refusal> {
+    check_claims(token, now_sec).map(|_| ())
+}
+
+/// `check`, keeping what it read.
+pub fn check_claims(token: &str, now_sec: u64) -> Result<Claims, Refusal> {
+    let claims = claims(token)?;
+    if claims.unexpired(now_sec) {
+        Ok(claims)
+    } else {
+        Err(Refusal::Expired)
     }
 }
 
@@ -205,6 +245,22 @@ mod tests {
         ] {
             assert_eq!(check(t, 1000), Err(Refusal::NotAJwt), "{t}");
         }
+    }
+
+    #[test]
+    fn claims_answer_the_precheck_again_at_any_time() {
+        for payload in
+            [r#"{"exp":2000}"#, r#"{"exp":1000.5}"#, r#"{"a":1}"#, r#"{"exp":null}"#, r#"{"exp":-3}"#]
+        {
+            let t = jwt("{}", payload);
+            let c = claims(&t).unwrap();
+            for now in [0, 999, 1000, 1001, 1999, 2000, 2001, u64::MAX] {
+                assert_eq!(c.unexpired(now), check(&t, now).is_ok(), "{payload} at {now}");
+                assert_eq!(check_claims(&t, now).ok(), check(&t, now).ok().map(|()| c));
+            }
+        }
+        assert_eq!(claims("a.b"), Err(Refusal::NotAJwt));
+        assert_eq!(claims(&jwt("{}", r#"{"exp":"x"}"#)), Err(Refusal::NotAJwt));
     }
 
     #[test]

@@ -342,11 +342,16 @@ fn request<S: SharedStore + ?Sized>(
                 );
                 return Flow::Pause;
             }
-            if purpose == Purpose::Forward {
+            let mut client_key = || downstream().as_deref().and_then(crate::resilience::clients::key);
+            let started = verifier.begin(io, ctx, ctx, v, purpose, &mut client_key);
+            // A request refused at once is never forwarded: only one that may be loses what it
+            // must not take to the upstream.
+            let refused =
+                matches!(&started, Started::Done(f) if !matches!(f.verdict, Verdicted::Allowed { .. }));
+            if purpose == Purpose::Forward && !refused {
                 forwarding(io, ctx, headers, &cookies, true);
             }
-            let mut client_key = || downstream().as_deref().and_then(crate::resilience::clients::key);
-            match verifier.begin(io, ctx, ctx, v, purpose, &mut client_key) {
+            match started {
                 Started::Done(finished) => deliver(io, verifier, streams, finished, Some(ctx)),
                 Started::Pending => Flow::Pause,
             }
@@ -468,6 +473,8 @@ fn start_reverifications<S: SharedStore + ?Sized>(
             reauth: false,
             client: None,
             client_probe: false,
+            precheck_due: false,
+            claims: None,
         };
         if let Started::Done(finished) = verifier.begin(io, r.ctx, root, v, Purpose::Reverify, &mut || None) {
             deliver(io, verifier, streams, finished, None);

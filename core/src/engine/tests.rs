@@ -402,7 +402,7 @@ fn an_abandoned_probe_is_given_back() {
     // The probe was given back: the next request probes at once instead of a 503.
     h.take();
     h.request(44, &get("/events/news", &jwt("u44", 600)));
-    assert!(matches!(h.take().last(), Some(Effect::Dispatch { from: 44, .. })));
+    assert!(h.take().iter().any(|e| matches!(e, Effect::Dispatch { from: 44, .. })));
     h.answer(104, 200, &verdict("u44", 600));
     assert_eq!(h.metric(Metric::CircuitClosed), 1);
 }
@@ -1465,4 +1465,40 @@ fn nothing_of_the_upstream_follows_an_expired_event_spliced_into_a_chunk() {
     let mut spliced = b"\n\n".to_vec();
     spliced.extend_from_slice(expired.bytes());
     assert!(h.take().contains(&Effect::ReplaceChunk { ctx: 35, size: 9, bytes: spliced }));
+}
+
+fn parsed() -> u32 {
+    crate::auth::precheck::PARSED.with(|n| n.replace(0))
+}
+
+#[test]
+fn a_token_in_the_workers_cache_is_not_prechecked_again_but_its_exp_still_counts() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    // The webhook allows for 600 s; the token itself says it expires after 2 s.
+    let token = jwt("ivy", 2);
+    assert_eq!(h.request(40, &get("/events/news", &token)), Flow::Pause);
+    let (call, _) = h.pending_calls()[0];
+    h.answer(call, 200, &verdict("ivy", 600));
+    h.take();
+    parsed();
+    // From the worker's cache: the token is not parsed again.
+    assert_eq!(h.request(41, &get("/events/news", &token)), Flow::Continue);
+    assert!(h.take().contains(&user_header(41, "ivy")));
+    assert_eq!(parsed(), 0);
+    // Its `exp` passed: refused as the precheck refuses it, still without parsing, and never
+    // forwarded (nothing stripped from it either).
+    h.advance(2_000);
+    assert_eq!(h.request(42, &get("/events/news", &token)), Flow::Pause);
+    let effects = h.take();
+    assert_eq!(effects.len(), 1, "{effects:?}");
+    assert_eq!(reply_code(&effects[0]), Some((42, Code::InvalidToken)));
+    assert_eq!(parsed(), 0);
+    // The entry is gone: the precheck runs (and refuses) before anything else.
+    assert_eq!(h.request(43, &get("/events/news", &token)), Flow::Pause);
+    assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(43, Code::InvalidToken)]);
+    assert_eq!(parsed(), 1);
+    assert!(h.pending_calls().is_empty());
+    // A token never seen is prechecked once.
+    h.request(44, &get("/events/news", &jwt("jay", 600)));
+    assert_eq!(parsed(), 1);
 }

@@ -15,7 +15,7 @@
 use super::effect::{Ctx, Effect, Level, WebhookCall};
 use super::metrics::Metric;
 use super::Io;
-use crate::auth::gate::Verification;
+use crate::auth::gate::{self, Verification};
 use crate::auth::reply::{Code, Reply};
 use crate::auth::token::Credential;
 use crate::auth::token::Kind;
@@ -39,6 +39,21 @@ struct Local {
     until_ms: u64,
     expires_at: u64,
     user_id: String,
+    /// What the precheck read from the token (`None` with the precheck off): a hit answers the
+    /// precheck from it instead of parsing the token again.
+    claims: Option<precheck::Claims>,
+}
+
+/// The claims a local cache entry of `v` keeps: `Some(None)` with the precheck off, `None` when
+/// the token cannot pass the precheck (then it is not kept locally).
+fn cache_claims(cfg: &Config, v: &Verification) -> Option<Option<precheck::Claims>> {
+    if !cfg.verifier.precheck {
+        return Some(None);
+    }
+    match v.claims {
+        Some(c) => Some(Some(c)),
+        None => precheck::claims(&v.credential.value).ok().map(Some),
+    }
 }
 
 /// What a verification came to.
@@ -219,13 +234,16 @@ impl Verifier {
     fn local_put<S: SharedStore + ?Sized>(
         &mut self,
         io: &mut Io<S>,
-        key: String,
+        v: &Verification,
         until_ms: u64,
         expires_at: u64,
         user_id: &str,
     ) {
+        let Some(claims) = cache_claims(io.cfg, v) else {
+            return;
+        };
         if let Some(cache) = self.local_cache(io) {
-            cache.put(key, Local { until_ms, expires_at, user_id: user_id.to_string() });
+            cache.put(local_key(v), Local { until_ms, expires_at, user_id: user_id.to_string(), claims });
         }
     }
 
@@ -280,6 +298,7 @@ impl Verifier {
         // A re-verification asks the webhook, never the cache.
         if v.cacheable && purpose != Purpose::Reverify {
             let lk = local_key(&v);
+            let now_sec = now_ms / 1000;
             let hit = self.local_cache(io).and_then(|c| match c.get(&lk) {
                 Some(hit) if hit.until_ms > now_ms => Some(hit.clone()),
                 Some(_) => {
@@ -289,13 +308,30 @@ impl Verifier {
                 None => None,
             });
             if let Some(hit) = hit {
+                // The precheck passed for this token before; only its `exp` can have passed since.
+                if v.precheck_due && hit.claims.is_some_and(|c| !c.unexpired(now_sec)) {
+                    if let Some(c) = self.local.as_mut() {
+                        c.pop(&lk);
+                    }
+                    let reply = Reply::new(Code::InvalidToken, "the token has expired");
+                    return done(&v, Verdicted::Refused(reply));
+                }
                 io.tally.inc(Metric::CacheHits);
                 return done(&v, Verdicted::Allowed { user_id: hit.user_id, expires_at: hit.expires_at });
+            }
+            if v.precheck_due {
+                match gate::precheck(&v.credential.value, now_sec) {
+                    Ok(claims) => {
+                        v.claims = Some(claims);
+                        v.precheck_due = false;
+                    }
+                    Err(reply) => return done(&v, Verdicted::Refused(reply)),
+                }
             }
             if let Some(hit) =
                 shared::cache_get(io.store, &key_of(&v), io.cfg.verifier.cache_max_size, now_ms)
             {
-                self.local_put(io, lk, hit.until_ms, hit.expires_at, &hit.user_id);
+                self.local_put(io, &v, hit.until_ms, hit.expires_at, &hit.user_id);
                 io.tally.inc(Metric::CacheHits);
                 return done(&v, Verdicted::Allowed { user_id: hit.user_id, expires_at: hit.expires_at });
             }
@@ -636,7 +672,7 @@ impl Verifier {
                         if !shared::cache_put(io.store, &entry, io.cfg.verifier.cache_max_size, now_ms) {
                             io.log(Level::Warn, "revenprox: verdict cache write failed".to_string());
                         }
-                        self.local_put(io, local_key(&v), until_ms, expires_at, &user_id);
+                        self.local_put(io, &v, until_ms, expires_at, &user_id);
                     }
                 }
                 Verdicted::Allowed { user_id, expires_at }
@@ -668,6 +704,8 @@ impl Verifier {
             reauth: false,
             client: None,
             client_probe: false,
+            precheck_due: false,
+            claims: None,
         };
         self.revoke(io, &v, true);
     }
