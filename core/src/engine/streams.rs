@@ -31,7 +31,7 @@ use crate::shared::{self, SharedStore};
 use crate::sse::framing::{self, Framing};
 use crate::sse::session::{ExpiryReason, Injection, Session};
 use crate::sse::{presence, refresh};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// What a re-verification's verdict did to its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,8 @@ struct Auth {
     refreshed_at_ms: u64,
     /// Counted in the Envoy-wide presence table.
     registered: bool,
+    /// When its presence record is touched next (or its registration tried again).
+    touch_at_ms: u64,
     /// When the credential was last verified, and when it is verified again.
     verified_ms: u64,
     verify_at_ms: Option<u64>,
@@ -110,6 +112,16 @@ struct Live {
     /// be written into it, so nothing is; it still ends at its expiry, its maximum duration or its
     /// revocation (without `event: expired`).
     encoded: bool,
+    /// Its entry in `Streams::timers`: when the timer visits it next.
+    queued_ms: Option<u64>,
+}
+
+/// The authenticated streams of one (user, topic) key on this worker.
+#[derive(Default)]
+struct Keyed {
+    ctxs: Vec<Ctx>,
+    /// When this worker last wrote the key's presence record.
+    touched_ms: u64,
 }
 
 /// A re-verification the engine must start (the verifier is not the streams' to call).
@@ -163,10 +175,77 @@ pub struct Streams {
     releasing: Vec<Ctx>,
     /// The release signal is on its way through the queue.
     signalled: bool,
-    /// Earliest time any session needs the timer.
-    next_ms: Option<u64>,
-    /// When this worker's presence records are touched next.
+    /// When each stream needs the timer next (one entry per stream, `Live::queued_ms`): a tick
+    /// visits only the streams that are due, never all of them.
+    timers: BTreeSet<(u64, Ctx)>,
+    /// Authenticated streams by (user, topic) key: refreshes, presence and coalesced
+    /// re-verifications find a key's streams without a scan.
+    by_key: HashMap<presence::Key, Keyed>,
+    /// When the records of `reserved` (the per-user limit) are touched next.
     touch_at_ms: u64,
+    /// Streams visited by the timer so far.
+    visits: u64,
+}
+
+/// Moves stream `live`'s entry in `timers` to `at` (`None`: no visit needed).
+fn schedule(timers: &mut BTreeSet<(u64, Ctx)>, live: &mut Live, at: Option<u64>) {
+    if live.queued_ms == at {
+        return;
+    }
+    if let Some(q) = live.queued_ms.take() {
+        timers.remove(&(q, live.ctx));
+    }
+    if let Some(at) = at {
+        timers.insert((at, live.ctx));
+        live.queued_ms = Some(at);
+    }
+}
+
+/// Brings stream `live`'s next visit forward to `at` if that is earlier.
+fn schedule_by(timers: &mut BTreeSet<(u64, Ctx)>, live: &mut Live, at: u64) {
+    if live.queued_ms.is_none_or(|q| at < q) {
+        schedule(timers, live, Some(at));
+    }
+}
+
+/// When stream `live` needs the timer next: its close, its presence record, its re-verification and
+/// pre-expiry check, and what its session has due, or, while an injection waits to be written,
+/// only what could change that (more important injections, the expiry's wait running out). Never
+/// polled: between these moments a visit would find nothing to do.
+fn next_visit(cfg: &Config, live: &Live, now_ms: u64) -> Option<u64> {
+    if live.close_at_ms.is_some() {
+        return live.close_at_ms;
+    }
+    if live.session.finished() {
+        // `expired` went out (or the stream was ended without it): it only waits for its end.
+        return None;
+    }
+    let mut next: Option<u64> = None;
+    let mut want = |at: u64| next = Some(next.map_or(at, |n: u64| n.min(at)));
+    if let Some(auth) = &live.auth {
+        want(auth.touch_at_ms);
+        if let Some(at) = auth.verify_at_ms.filter(|_| !auth.verifying) {
+            want(at);
+        }
+        if let Some(at) = check_at_ms(cfg, auth, &live.session) {
+            want(at);
+        }
+    }
+    match live.pending {
+        Some(_) if live.held && live.framing.at_boundary() => want(now_ms),
+        Some(Injection::Expired(_)) => want(live.pending_since_ms.saturating_add(EXPIRED_WAIT_MS)),
+        Some(pending) => {
+            if let Some(at) = live.session.next_deadline_above(pending) {
+                want(at);
+            }
+        }
+        None => {
+            if let Some(at) = live.session.next_deadline_ms() {
+                want(at);
+            }
+        }
+    }
+    next
 }
 
 fn is_event_stream(value: Option<&[u8]>) -> bool {
@@ -215,13 +294,34 @@ impl Streams {
             queue,
             releasing: Vec::new(),
             signalled: false,
-            next_ms: None,
+            timers: BTreeSet::new(),
+            by_key: HashMap::new(),
             touch_at_ms: 0,
+            visits: 0,
         }
     }
 
+    /// The earliest time the timer has something to do.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.next_ms
+        let stream = self.timers.first().map(|(at, _)| *at);
+        let records = self.has_records().then_some(self.touch_at_ms);
+        [stream, records].into_iter().flatten().min()
+    }
+
+    /// This worker has presence records to keep (its streams', its reservations'): they are
+    /// touched, and the Envoy's salt checked, every `presence::REFRESH_MS`.
+    fn has_records(&self) -> bool {
+        !self.reserved.is_empty() || !self.live.is_empty()
+    }
+
+    /// Streams the timer has an entry for (for tests and invariants).
+    pub fn scheduled(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Streams visited by the timer so far (for tests: a tick visits only the streams due).
+    pub fn visits(&self) -> u64 {
+        self.visits
     }
 
     /// Open sessions (for tests and invariants).
@@ -242,12 +342,6 @@ impl Streams {
     /// The expiry of stream `ctx` (Unix seconds), for tests and invariants.
     pub fn expires_at(&self, ctx: Ctx) -> Option<u64> {
         self.live.get(&ctx)?.session.expires_at_sec()
-    }
-
-    fn want(&mut self, at: Option<u64>) {
-        if let Some(at) = at {
-            self.next_ms = Some(self.next_ms.map_or(at, |n| n.min(at)));
-        }
     }
 
     /// A request was allowed: remember who it is for its response.
@@ -323,6 +417,8 @@ impl Streams {
                 opened_ms: now_ms,
                 refreshed_at_ms: 0,
                 registered: false,
+                // The first visit registers it.
+                touch_at_ms: now_ms,
                 verified_ms: now_ms,
                 verify_at_ms: next_verify_ms(io.cfg, now_ms, spread),
                 verifying: false,
@@ -345,10 +441,18 @@ impl Streams {
             remaining,
             close_at_ms: None,
             encoded: encoded.is_some(),
+            queued_ms: None,
         };
-        let deadline = if live.auth.is_some() { Some(now_ms) } else { live.session.next_deadline_ms() };
-        self.live.insert(ctx, live);
-        self.want(deadline);
+        let mut live = live;
+        let next = next_visit(io.cfg, &live, now_ms);
+        schedule(&mut self.timers, &mut live, next);
+        if let Some(auth) = &live.auth {
+            self.by_key.entry(auth.presence).or_default().ctxs.push(ctx);
+        }
+        if let Some(old) = self.live.insert(ctx, live) {
+            // A context id is never reused while its stream lives; keep the indexes exact anyway.
+            self.forget(&old);
+        }
         io.tally.add(Metric::OpenStreams, 1);
     }
 
@@ -436,6 +540,11 @@ impl Streams {
                 live.framing.forget();
             }
             live.session.on_sent(now_ms, true);
+            // The first upstream bytes start the heartbeat clock (later ones only move it later:
+            // the visit already queued finds that out).
+            if let Some(at) = live.session.next_deadline_ms() {
+                schedule_by(&mut self.timers, live, at);
+            }
         }
         if end_of_stream {
             io.out.push(Effect::SetEnd { ctx, reason: "upstream_end" });
@@ -483,9 +592,8 @@ impl Streams {
             return;
         };
         sent(io, live, injection);
-        let (close, next) = (live.close_at_ms, live.session.next_deadline_ms());
-        self.want(close);
-        self.want(next);
+        let next = next_visit(io.cfg, live, io.now_ms);
+        schedule(&mut self.timers, live, next);
     }
 
     /// The host could not perform `effect` on one of these streams. `Some(flow)`: what the body
@@ -512,7 +620,7 @@ impl Streams {
                     }
                     live.pending = Some(injection);
                 }
-                self.want(Some(io.now_ms));
+                schedule_by(&mut self.timers, live, io.now_ms);
                 None
             }
             Effect::Enqueue { .. } => {
@@ -528,14 +636,12 @@ impl Streams {
         }
     }
 
-    /// Timer: presence records, re-verifications and server-side refreshes that are due, injections,
-    /// ends. Returns the re-verifications the engine must start.
+    /// Timer: the streams that are due (presence records, re-verifications and server-side
+    /// refreshes, injections, ends), each scheduled again for its next moment. Returns the
+    /// re-verifications the engine must start.
     pub(crate) fn tick<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>) -> Vec<Reverify> {
         let now_ms = io.now_ms;
-        let cfg = io.cfg;
-        let worker = self.worker;
-        let touch = now_ms >= self.touch_at_ms;
-        if touch {
+        if self.has_records() && now_ms >= self.touch_at_ms {
             self.touch_at_ms = now_ms.saturating_add(presence::REFRESH_MS);
             if shared::recheck_salt(io.store) {
                 // Another worker's salt stands: this worker's records must be placed again.
@@ -544,102 +650,111 @@ impl Streams {
             // Records of requests counted against their user's limit (streams or not).
             let users: HashSet<presence::Key> = self.reserved.values().copied().collect();
             for key in users {
-                shared::presence_change(io.store, &key, worker, 0, now_ms);
+                shared::presence_change(io.store, &key, self.worker, 0, now_ms);
             }
         }
-        let mut touched: HashSet<presence::Key> = HashSet::new();
+        let due: Vec<(u64, Ctx)> = self.timers.range(..=(now_ms, Ctx::MAX)).copied().collect();
         let mut reverify: Vec<Reverify> = Vec::new();
-        let mut next: Option<u64> = Some(self.touch_at_ms);
-        let mut want = |at: u64| next = Some(next.map_or(at, |n: u64| n.min(at)));
-        for (&ctx, live) in self.live.iter_mut() {
-            if let Some(at) = live.close_at_ms {
-                if now_ms >= at {
-                    live.close_at_ms = None;
-                    io.out.push(Effect::Close { ctx });
-                } else {
-                    want(at);
-                }
+        for (at, ctx) in due {
+            self.timers.remove(&(at, ctx));
+            let Some(live) = self.live.get_mut(&ctx) else {
                 continue;
+            };
+            live.queued_ms = None;
+            self.visits += 1;
+            if let Some(r) = self.visit(io, ctx) {
+                reverify.extend(self.coalesce(r));
             }
-            if let Some(auth) = live.auth.as_mut() {
+            if let Some(live) = self.live.get_mut(&ctx) {
+                let next = next_visit(io.cfg, live, now_ms);
+                schedule(&mut self.timers, live, next);
+            }
+        }
+        reverify
+    }
+
+    /// One stream's turn at the timer. Returns the re-verification it must start, if any.
+    fn visit<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, ctx: Ctx) -> Option<Reverify> {
+        let now_ms = io.now_ms;
+        let worker = self.worker;
+        let live = self.live.get_mut(&ctx)?;
+        if let Some(at) = live.close_at_ms {
+            if now_ms >= at {
+                live.close_at_ms = None;
+                io.out.push(Effect::Close { ctx });
+            }
+            return None;
+        }
+        let mut reverify = None;
+        if let Some(auth) = live.auth.as_mut() {
+            if now_ms >= auth.touch_at_ms {
+                auth.touch_at_ms = now_ms.saturating_add(presence::REFRESH_MS);
+                let keyed = self.by_key.entry(auth.presence).or_default();
                 if !auth.registered {
                     auth.registered = shared::presence_change(io.store, &auth.presence, worker, 1, now_ms);
-                    if !auth.registered {
+                    if auth.registered {
+                        keyed.touched_ms = now_ms;
+                    } else {
+                        // No room in the table: tried again at the next touch.
                         io.tally.inc(Metric::PresenceFull);
                     }
-                    touched.insert(auth.presence);
-                } else if touch && touched.insert(auth.presence) {
+                } else if now_ms.saturating_sub(keyed.touched_ms) >= presence::REFRESH_MS / 2 {
+                    // One touch per key however many of its streams are here.
                     shared::presence_change(io.store, &auth.presence, worker, 0, now_ms);
-                }
-                if !live.session.finished() && live.pending.is_none() {
-                    if let Some(r) = decide(io, ctx, auth, &mut live.session) {
-                        reverify.push(r);
-                    }
-                }
-                if let Some(at) = auth.verify_at_ms.filter(|_| !auth.verifying) {
-                    want(at);
-                }
-                if let Some(at) = check_at_ms(cfg, auth, &live.session) {
-                    want(at);
+                    keyed.touched_ms = now_ms;
                 }
             }
-            let due = live.session.due(now_ms);
-            if let (true, Some(skipped @ (Injection::Heartbeat | Injection::Challenge))) = (live.encoded, due)
-            {
-                // A compressed stream gets no challenge (and no heartbeat: its bytes are not read,
-                // so the clock never starts). Its end is due like any other stream's, and comes
-                // without the event: it is never held.
-                live.session.mark_sent(skipped, now_ms);
-            } else if let Some(due) = due {
-                // At the expiry, one last look for a refresh posted on another worker.
-                let adopted = matches!(due, Injection::Expired(ExpiryReason::TokenExpired))
-                    && live.pending.is_none()
-                    && live.auth.as_mut().is_some_and(|a| adopt_refresh(io, a, &mut live.session));
-                if !adopted {
-                    // An earlier injection still waiting is superseded by a more important one.
-                    let injection = match live.pending {
-                        Some(Injection::Expired(r)) => Injection::Expired(r),
-                        _ => due,
-                    };
-                    if live.pending.is_none() {
-                        live.pending_since_ms = now_ms;
-                    }
-                    live.pending = Some(injection);
-                }
-            }
-            if let Some(injection) = live.pending {
-                if live.held && live.framing.at_boundary() {
-                    // Appending releases what is held (a release still on its way is not needed).
-                    io.out.push(Effect::Inject { ctx, bytes: injection.bytes() });
-                    live.releasing = false;
-                    live.pending = None;
-                    live.writing = Some(injection);
-                    // Its receipt schedules what comes next.
-                    continue;
-                } else if matches!(injection, Injection::Expired(_))
-                    && ((!live.held && live.framing.at_boundary())
-                        || now_ms.saturating_sub(live.pending_since_ms) >= EXPIRED_WAIT_MS)
-                {
-                    // Nowhere to write the event (no body yet, a body let through whole, or an
-                    // upstream event that never ends): end the stream without it.
-                    live.pending = None;
-                    live.session.mark_sent(injection, now_ms);
-                    io.tally.inc(Metric::StreamsExpired);
-                    if let Injection::Expired(reason) = injection {
-                        io.out.push(Effect::SetEnd { ctx, reason: reason.as_str() });
-                    }
-                    io.out.push(Effect::Close { ctx });
-                    continue;
-                } else {
-                    want(now_ms.saturating_add(100));
-                }
-            }
-            if let Some(at) = live.session.next_deadline_ms() {
-                want(at);
+            if !live.session.finished() && live.pending.is_none() {
+                reverify = decide(io, ctx, auth, &mut live.session);
             }
         }
-        self.next_ms = next;
-        self.coalesce(reverify)
+        let due = live.session.due(now_ms);
+        if let (true, Some(skipped @ (Injection::Heartbeat | Injection::Challenge))) = (live.encoded, due) {
+            // A compressed stream gets no challenge (and no heartbeat: its bytes are not read, so
+            // the clock never starts). Its end is due like any other stream's, and comes without
+            // the event: it is never held.
+            live.session.mark_sent(skipped, now_ms);
+        } else if let Some(due) = due {
+            // At the expiry, one last look for a refresh posted on another worker.
+            let adopted = matches!(due, Injection::Expired(ExpiryReason::TokenExpired))
+                && live.pending.is_none()
+                && live.auth.as_mut().is_some_and(|a| adopt_refresh(io, a, &mut live.session));
+            if !adopted {
+                // An earlier injection still waiting is superseded by a more important one.
+                let injection = match live.pending {
+                    Some(Injection::Expired(r)) => Injection::Expired(r),
+                    _ => due,
+                };
+                if live.pending.is_none() {
+                    live.pending_since_ms = now_ms;
+                }
+                live.pending = Some(injection);
+            }
+        }
+        if let Some(injection) = live.pending {
+            if live.held && live.framing.at_boundary() {
+                // Appending releases what is held (a release still on its way is not needed). Its
+                // receipt schedules what comes next.
+                io.out.push(Effect::Inject { ctx, bytes: injection.bytes() });
+                live.releasing = false;
+                live.pending = None;
+                live.writing = Some(injection);
+            } else if matches!(injection, Injection::Expired(_))
+                && ((!live.held && live.framing.at_boundary())
+                    || now_ms.saturating_sub(live.pending_since_ms) >= EXPIRED_WAIT_MS)
+            {
+                // Nowhere to write the event (no body yet, a body let through whole, or an
+                // upstream event that never ends): end the stream without it.
+                live.pending = None;
+                live.session.mark_sent(injection, now_ms);
+                io.tally.inc(Metric::StreamsExpired);
+                if let Injection::Expired(reason) = injection {
+                    io.out.push(Effect::SetEnd { ctx, reason: reason.as_str() });
+                }
+                io.out.push(Effect::Close { ctx });
+            }
+        }
+        reverify
     }
 
     /// Places this worker's presence records again (after the Envoy's salt changed under it): its
@@ -653,27 +768,38 @@ impl Streams {
         for (key, n) in reserved {
             shared::presence_change(io.store, &key, self.worker, n, io.now_ms);
         }
+        let now_ms = io.now_ms;
         for live in self.live.values_mut() {
             if let Some(auth) = live.auth.as_mut() {
+                // Registered again at its next visit, which is now.
                 auth.registered = false;
+                auth.touch_at_ms = now_ms;
+                schedule_by(&mut self.timers, live, now_ms);
             }
         }
     }
 
     /// Every stream with the same credential and topic as a re-verification joins it (one webhook
-    /// call for all), so their schedules align.
-    fn coalesce(&mut self, due: Vec<Reverify>) -> Vec<Reverify> {
-        let mut out = due.clone();
-        let started: HashSet<(String, String)> =
-            due.iter().map(|r| (r.credential.value.clone(), r.topic_id.clone())).collect();
-        for (&ctx, live) in self.live.iter_mut() {
+    /// call for all), so their schedules align. Such streams share the (user, topic) key.
+    fn coalesce(&mut self, first: Reverify) -> Vec<Reverify> {
+        let key = self.live.get(&first.ctx).and_then(|l| l.auth.as_ref()).map(|a| a.presence);
+        let mates: Vec<Ctx> =
+            key.and_then(|k| self.by_key.get(&k)).map(|k| k.ctxs.clone()).unwrap_or_default();
+        let mut out = vec![first];
+        for ctx in mates {
+            let Some(live) = self.live.get_mut(&ctx) else {
+                continue;
+            };
             let Some(auth) = live.auth.as_mut() else {
                 continue;
             };
             if auth.verifying || live.session.finished() || live.pending.is_some() {
                 continue;
             }
-            if started.contains(&(auth.credential.value.clone(), auth.topic_id.clone())) {
+            let Some(r) = out.first() else {
+                continue;
+            };
+            if auth.credential == r.credential && auth.topic_id == r.topic_id {
                 auth.verifying = true;
                 out.push(Reverify {
                     ctx,
@@ -744,7 +870,7 @@ impl Streams {
                 Reverified::GoesOn
             }
         };
-        self.want(Some(now_ms));
+        schedule_by(&mut self.timers, live, now_ms);
         outcome
     }
 
@@ -758,20 +884,39 @@ impl Streams {
         expires_at: u64,
         now_ms: u64,
     ) {
-        for live in self.live.values_mut() {
-            if let Some(auth) = live.auth.as_mut().filter(|a| &a.presence == key) {
+        let ctxs = self.by_key.get(key).map(|k| k.ctxs.clone()).unwrap_or_default();
+        for ctx in ctxs {
+            let Some(live) = self.live.get_mut(&ctx) else {
+                continue;
+            };
+            if let Some(auth) = live.auth.as_mut() {
                 if live.session.extend(expires_at) {
                     auth.credential = credential.clone();
                     auth.refreshed_at_ms = now_ms;
                 }
             }
+            schedule_by(&mut self.timers, live, now_ms);
         }
-        self.next_ms = Some(0);
     }
 
     /// Whether this worker has an open stream of (user, topic) key `key`.
     pub fn has_local(&self, key: &presence::Key) -> bool {
-        self.live.values().any(|l| l.auth.as_ref().is_some_and(|a| &a.presence == key))
+        self.by_key.contains_key(key)
+    }
+
+    /// Takes a stream that is gone out of the timer and the key index.
+    fn forget(&mut self, live: &Live) {
+        if let Some(q) = live.queued_ms {
+            self.timers.remove(&(q, live.ctx));
+        }
+        if let Some(auth) = &live.auth {
+            if let Some(keyed) = self.by_key.get_mut(&auth.presence) {
+                keyed.ctxs.retain(|c| *c != live.ctx);
+                if keyed.ctxs.is_empty() {
+                    self.by_key.remove(&auth.presence);
+                }
+            }
+        }
     }
 
     /// The stream ended: its presence and its place in its user's limit are given back at once.
@@ -782,6 +927,7 @@ impl Streams {
         }
         if let Some(live) = self.live.remove(&ctx) {
             io.tally.add(Metric::OpenStreams, -1);
+            self.forget(&live);
             if let Some(auth) = live.auth.filter(|a| a.registered) {
                 shared::presence_change(io.store, &auth.presence, self.worker, -1, io.now_ms);
             }

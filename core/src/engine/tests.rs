@@ -1502,3 +1502,35 @@ fn a_token_in_the_workers_cache_is_not_prechecked_again_but_its_exp_still_counts
     h.request(44, &get("/events/news", &jwt("jay", 600)));
     assert_eq!(parsed(), 1);
 }
+
+#[test]
+fn a_tick_visits_only_the_streams_that_are_due() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    // 200 quiet streams opened 50 ms apart (heartbeats every 15 s): their moments are spread out,
+    // so the timer runs often, and each run has little to do.
+    for i in 0..200u32 {
+        let user = format!("u{i}");
+        h.open(1_000 + i, &jwt(&user, 3_600), &user, 3_600);
+        h.advance(50);
+    }
+    h.take();
+    let before = h.engine.streams().visits();
+    let mut ticks = 0;
+    let until = h.now + 30_000;
+    while h.now < until {
+        h.now += h.tick_ms.clamp(1, until - h.now);
+        h.engine.tick(h.now);
+        h.run();
+        ticks += 1;
+    }
+    let visits = h.engine.streams().visits() - before;
+    // Two heartbeats and three presence touches each in 30 s; never every stream at every tick.
+    assert!(ticks > 300, "{ticks}");
+    assert!(visits <= 200 * 6, "{visits} visits in {ticks} ticks");
+    assert_eq!(h.metric(Metric::HeartbeatsSent), 400);
+    assert_eq!(h.engine.streams().scheduled(), 200);
+    for i in 0..200u32 {
+        h.done_stream(1_000 + i);
+    }
+    assert_eq!(h.engine.streams().scheduled(), 0);
+}

@@ -201,6 +201,25 @@ impl Session {
         Some(deadline)
     }
 
+    /// While `pending` (an injection that was due) waits to be written: the earliest time something
+    /// more important becomes due, the challenge (above a heartbeat), the token's expiry or the
+    /// maximum duration. `None` for an expiry (nothing outranks it) and a finished session.
+    pub fn next_deadline_above(&self, pending: Injection) -> Option<u64> {
+        if self.finished {
+            return None;
+        }
+        let challenge = match pending {
+            Injection::Heartbeat => self.challenge_at_ms(),
+            Injection::Challenge => None,
+            Injection::Expired(_) => return None,
+        };
+        let deadline = [self.expires_at_sec.map(ms), challenge]
+            .into_iter()
+            .flatten()
+            .fold(self.max_deadline_ms, u64::min);
+        Some(deadline)
+    }
+
     /// When the challenge for the current expiry is due, if one still is.
     fn challenge_at_ms(&self) -> Option<u64> {
         let exp = self.expires_at_sec?;
@@ -405,6 +424,26 @@ mod tests {
         let mut s = Session::new(&cfg(15, 30, 60), T0, Some(T0_SEC + 70));
         s.on_sent(T0, true);
         assert_eq!(s.due(T0 + 60_000), Some(MAX));
+    }
+
+    #[test]
+    fn what_outranks_a_waiting_injection() {
+        let exp = T0_SEC + 100;
+        let mut s = Session::new(&cfg(1, 30, 600), T0, Some(exp));
+        s.on_sent(T0, true);
+        // A heartbeat waiting: the challenge comes first.
+        assert_eq!(s.due(T0 + 1_000), Some(HEARTBEAT_AT));
+        assert_eq!(s.next_deadline_above(HEARTBEAT_AT), Some((exp - 30) * 1000));
+        assert_eq!(s.due((exp - 30) * 1000), Some(Injection::Challenge));
+        // A challenge waiting: the expiry.
+        assert_eq!(s.next_deadline_above(Injection::Challenge), Some(exp * 1000));
+        assert_eq!(s.next_deadline_above(TOKEN), None);
+        // Without a token, the maximum duration.
+        let s = Session::new(&cfg(1, 30, 600), T0, None);
+        assert_eq!(s.next_deadline_above(HEARTBEAT_AT), Some(T0 + 600_000));
+        let mut s = Session::new(&cfg(1, 30, 600), T0, None);
+        s.mark_sent(MAX, T0);
+        assert_eq!(s.next_deadline_above(HEARTBEAT_AT), None);
     }
 
     #[test]
