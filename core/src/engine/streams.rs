@@ -114,6 +114,9 @@ struct Live {
     encoded: bool,
     /// Its entry in `Streams::timers`: when the timer visits it next.
     queued_ms: Option<u64>,
+    /// Opened since the last tick: not in `timers` nor `by_key` yet, the next tick visits it (a
+    /// short response that ends before then never costs either).
+    fresh: bool,
 }
 
 /// The authenticated streams of one (user, topic) key on this worker.
@@ -181,6 +184,9 @@ pub struct Streams {
     /// Authenticated streams by (user, topic) key: refreshes, presence and coalesced
     /// re-verifications find a key's streams without a scan.
     by_key: HashMap<presence::Key, Keyed>,
+    /// Streams opened since the last tick (some may be gone), and when the first of them opened.
+    fresh: Vec<Ctx>,
+    fresh_at_ms: u64,
     /// When the records of `reserved` (the per-user limit) are touched next.
     touch_at_ms: u64,
     /// Streams visited by the timer so far.
@@ -189,7 +195,7 @@ pub struct Streams {
 
 /// Moves stream `live`'s entry in `timers` to `at` (`None`: no visit needed).
 fn schedule(timers: &mut BTreeSet<(u64, Ctx)>, live: &mut Live, at: Option<u64>) {
-    if live.queued_ms == at {
+    if live.queued_ms == at || live.fresh {
         return;
     }
     if let Some(q) = live.queued_ms.take() {
@@ -296,6 +302,8 @@ impl Streams {
             signalled: false,
             timers: BTreeSet::new(),
             by_key: HashMap::new(),
+            fresh: Vec::new(),
+            fresh_at_ms: 0,
             touch_at_ms: 0,
             visits: 0,
         }
@@ -304,8 +312,9 @@ impl Streams {
     /// The earliest time the timer has something to do.
     pub fn next_deadline_ms(&self) -> Option<u64> {
         let stream = self.timers.first().map(|(at, _)| *at);
+        let fresh = (!self.fresh.is_empty()).then_some(self.fresh_at_ms);
         let records = self.has_records().then_some(self.touch_at_ms);
-        [stream, records].into_iter().flatten().min()
+        [stream, fresh, records].into_iter().flatten().min()
     }
 
     /// This worker has presence records to keep (its streams', its reservations'): they are
@@ -442,13 +451,12 @@ impl Streams {
             close_at_ms: None,
             encoded: encoded.is_some(),
             queued_ms: None,
+            fresh: true,
         };
-        let mut live = live;
-        let next = next_visit(io.cfg, &live, now_ms);
-        schedule(&mut self.timers, &mut live, next);
-        if let Some(auth) = &live.auth {
-            self.by_key.entry(auth.presence).or_default().ctxs.push(ctx);
+        if self.fresh.is_empty() {
+            self.fresh_at_ms = now_ms;
         }
+        self.fresh.push(ctx);
         if let Some(old) = self.live.insert(ctx, live) {
             // A context id is never reused while its stream lives; keep the indexes exact anyway.
             self.forget(&old);
@@ -652,6 +660,17 @@ impl Streams {
             for key in users {
                 shared::presence_change(io.store, &key, self.worker, 0, now_ms);
             }
+        }
+        // Streams opened since the last tick join the timer and the key index, due now.
+        for ctx in std::mem::take(&mut self.fresh) {
+            let Some(live) = self.live.get_mut(&ctx).filter(|l| l.fresh) else {
+                continue;
+            };
+            live.fresh = false;
+            if let Some(auth) = &live.auth {
+                self.by_key.entry(auth.presence).or_default().ctxs.push(ctx);
+            }
+            schedule(&mut self.timers, live, Some(now_ms));
         }
         let due: Vec<(u64, Ctx)> = self.timers.range(..=(now_ms, Ctx::MAX)).copied().collect();
         let mut reverify: Vec<Reverify> = Vec::new();
@@ -884,7 +903,8 @@ impl Streams {
         expires_at: u64,
         now_ms: u64,
     ) {
-        let ctxs = self.by_key.get(key).map(|k| k.ctxs.clone()).unwrap_or_default();
+        let mut ctxs = self.by_key.get(key).map(|k| k.ctxs.clone()).unwrap_or_default();
+        ctxs.extend(self.fresh_of(key));
         for ctx in ctxs {
             let Some(live) = self.live.get_mut(&ctx) else {
                 continue;
@@ -901,11 +921,28 @@ impl Streams {
 
     /// Whether this worker has an open stream of (user, topic) key `key`.
     pub fn has_local(&self, key: &presence::Key) -> bool {
-        self.by_key.contains_key(key)
+        self.by_key.contains_key(key) || !self.fresh_of(key).is_empty()
+    }
+
+    /// The streams of key `key` opened since the last tick.
+    fn fresh_of(&self, key: &presence::Key) -> Vec<Ctx> {
+        self.fresh
+            .iter()
+            .copied()
+            .filter(|c| {
+                self.live
+                    .get(c)
+                    .is_some_and(|l| l.fresh && l.auth.as_ref().is_some_and(|a| &a.presence == key))
+            })
+            .collect()
     }
 
     /// Takes a stream that is gone out of the timer and the key index.
     fn forget(&mut self, live: &Live) {
+        if live.fresh {
+            // Only in `fresh`, which the next tick clears.
+            return;
+        }
         if let Some(q) = live.queued_ms {
             self.timers.remove(&(q, live.ctx));
         }
