@@ -13,7 +13,10 @@ Phases (every loop bounded in count and time, everything on 127.0.0.1):
   rounds      handshakes (wrk, 32 conns), unloaded latency (wrk, 1 conn), events/s through 1 and
               N flood streams, paced per-event latency; setups alternate, order rotated per round
   herd        1,000 simultaneous requests with one fresh token → auth calls
-  memory      a fresh Envoy per setup, RSS before/with 10,000 open SSE streams
+  memory      a fresh Envoy per setup, RSS before/with 10,000 open SSE streams, and Envoy's CPU then
+  scale       2,000 open streams with mixed upstream patterns through A and D (heartbeat 1 s): CPU, RSS
+  cliff       D's CPU with 1,000 streams far from their expiry, then inside the last challenge + 5 s
+  reverify    10,000 streams on D re-verifying every 10 s: CPU and webhook calls per second
   cache       a fresh D, RSS after 10k/20k/100k/200k distinct tokens (cache_max_size 10,000)
   hotpath     the filter's pure core natively (ns/op and callgrind instructions/op)
   callgrind   opt-in (--only callgrind, ~10 min): instructions inside Envoy per handshake and per
@@ -73,16 +76,20 @@ HERD_TOPIC = "herd"
 HERD_DELAY_MS = 100
 
 PROFILES = {
-    # make bench: ~6-7 minutes on 2 cores
+    # make bench: ~10 minutes on 2 cores
     "full": dict(rounds=3, hs_secs=3, lat_secs=2, flood_secs=1.5, paced_secs=3, warmup=0.5,
                  many_streams=100, paced_streams=50, paced_ms=10, mem_streams=10_000,
                  cache_size=10_000, cache_points=[10_000, 20_000, 100_000, 200_000],
-                 herd_n=1000, herd_rounds=3, ceiling_secs=2, callgrind=True, breakdown=True),
+                 herd_n=1000, herd_rounds=3, ceiling_secs=2, callgrind=True, breakdown=True,
+                 mem_cpu_secs=8, scale_streams=2_000, scale_secs=10, cliff_streams=1_000, cliff_ttl=45,
+                 cliff_challenge=10, reverify_interval=10, reverify_secs=12),
     # --quick: the same pipeline, small and short (for development on a busy machine)
     "quick": dict(rounds=1, hs_secs=2, lat_secs=1, flood_secs=1, paced_secs=1.5, warmup=0.3,
                   many_streams=20, paced_streams=20, paced_ms=10, mem_streams=2_000,
                   cache_size=1_000, cache_points=[1_000, 2_000, 5_000, 10_000],
-                  herd_n=300, herd_rounds=1, ceiling_secs=1, callgrind=True, breakdown=True),
+                  herd_n=300, herd_rounds=1, ceiling_secs=1, callgrind=True, breakdown=True,
+                  mem_cpu_secs=4, scale_streams=400, scale_secs=5, cliff_streams=200, cliff_ttl=35,
+                  cliff_challenge=5, reverify_interval=5, reverify_secs=5),
 }
 
 
@@ -254,7 +261,7 @@ def topic_id(segment):
     return hashlib.sha256(segment.encode()).hexdigest()[:32]
 
 
-def plugin_config(setup, heartbeat_sec=None, cache_size=None):
+def plugin_config(setup, heartbeat_sec=None, cache_size=None, sse=None):
     if setup == "V":
         cfg = {"jwt_verifier": {"webhook_url": "", "require_authentication": False}}
         if heartbeat_sec:
@@ -269,6 +276,8 @@ def plugin_config(setup, heartbeat_sec=None, cache_size=None):
         cfg["jwt_verifier"]["cache_max_size"] = cache_size
     if heartbeat_sec:
         cfg["sse"] = {"heartbeat_interval_sec": heartbeat_sec}
+    if sse:
+        cfg.setdefault("sse", {}).update(sse)
     return cfg
 
 
@@ -334,13 +343,14 @@ _base_ids = set()
 
 
 class Envoy:
-    def __init__(self, setup, ctx, tag="", upstream_h2=False, heartbeat_sec=None, cache_size=None, probe=None):
+    def __init__(self, setup, ctx, tag="", upstream_h2=False, heartbeat_sec=None, cache_size=None, probe=None,
+                 sse=None, webhook=None):
         self.setup = setup
         self.name = f"{setup}{tag}"
         self.dir = ctx.workdir / f"envoy-{self.name}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.plugin_cfg = plugin_config(setup, heartbeat_sec, cache_size) if setup in "DEV" else probe
-        cfg = envoy_config(setup, ctx.upstream.port, ctx.webhook.port, ctx.authz.port, ctx.keys.jwks,
+        self.plugin_cfg = plugin_config(setup, heartbeat_sec, cache_size, sse) if setup in "DEV" else probe
+        cfg = envoy_config(setup, ctx.upstream.port, (webhook or ctx.webhook).port, ctx.authz.port, ctx.keys.jwks,
                            self.plugin_cfg, upstream_h2)
         self.cfg_path = self.dir / "envoy.json"
         self.cfg_path.write_text(json.dumps(cfg, indent=1))
@@ -564,6 +574,7 @@ def memory(ctx, P):
                 rss1 = e.rss_kb()
                 st = e.stats("(downstream_cx_active|memory_allocated|revenprox_open_streams)")
                 alloc1 = st.get("server.memory_allocated", 0)
+                cpu = cpu_window(e, P["mem_cpu_secs"])
             finally:
                 try:
                     p.stdin.write(b"close\n")
@@ -580,12 +591,182 @@ def memory(ctx, P):
                       "open_secs": opened["open_secs"], "rss_before_kb": rss0, "rss_open_kb": rss1,
                       "per_stream_kb": (rss1 - rss0) / k,
                       "heap_per_stream_kb": (alloc1 - alloc0) / 1024 / k,
-                      "downstream_cx_active": st.get("http.bench.downstream_cx_active"),
+                      "downstream_cx_active": st.get("http.bench.downstream_cx_active"), "cpu_pct": cpu,
                       "revenprox_open_streams": st.get("revenprox_open_streams")}
             log(f"  {s}: {opened['opened']:,} open, RSS {rss0 / 1024:.1f} → {rss1 / 1024:.1f} MiB, "
-                f"{out[s]['per_stream_kb']:.2f} KiB/stream")
+                f"{out[s]['per_stream_kb']:.2f} KiB/stream, Envoy CPU {cpu:.1f} % while they are open")
         finally:
             e.stop()
+    return out
+
+
+class Held:
+    """`benchc hold`: n streams opened and held (read to the end with drain) until `close()`."""
+
+    def __init__(self, e, n, paths, tokens, name, drain=True, max_secs=240):
+        args = [BIN / "benchc", "hold", "--port", e.port, "--paths", ",".join(paths), "--streams", n,
+                "--max-secs", max_secs, "--open-concurrency", 256, "--drain", "on" if drain else "off"]
+        for k, v in tokens.items():
+            args += [f"--{k.replace('_', '-')}", v]
+        self.p = PROCS.start(args, f"benchc-hold-{name}", stdin=subprocess.PIPE)
+        line = self.p.stdout.readline().decode()
+        if not line.startswith("{"):
+            PROCS.stop(self.p)
+            raise BenchError(f"hold client {name} failed: {line!r}")
+        self.opened = json.loads(line)
+
+    def close(self):
+        try:
+            self.p.stdin.write(b"close\n")
+            self.p.stdin.flush()
+        except OSError:
+            pass
+        out = {}
+        try:
+            line = self.p.stdout.readline().decode()
+            out = json.loads(line) if line.startswith("{") else {}
+            self.p.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ValueError):
+            pass
+        PROCS.stop(self.p)
+        return out
+
+
+def cpu_window(e, secs):
+    """Envoy's CPU (utime+stime) over the next `secs` seconds, in % of one core."""
+    c0, t0 = e.cpu_s(), time.monotonic()
+    time.sleep(secs)
+    return 100.0 * (e.cpu_s() - c0) / (time.monotonic() - t0)
+
+
+# Upstream patterns of the open-streams phases, one stream in four each: one event then silence
+# (a heartbeat every second of it), an event every 700 ms (no heartbeat due), an event every
+# 500 ms, bursts of 10 events 20 ms apart then 3 s of silence (heartbeats in every silence).
+MIXED_PATHS = ["/events/bench?mode=hold&secs=300", "/events/bench?mode=paced&ms=700&secs=300",
+               "/events/bench?mode=paced&ms=500&secs=300",
+               "/events/bench?mode=paced&ms=20&on=200&off=3000&secs=300"]
+
+
+def scale(ctx, P):
+    """Open streams at scale (issue #16): the same mixed streams through bare Envoy and through D
+    (heartbeats every second), Envoy's CPU while they run and its RSS per stream."""
+    n, secs = P["scale_streams"], P["scale_secs"]
+    log(f"scale: {n:,} open streams (mixed upstream patterns), A and D (heartbeat 1 s), CPU over {secs} s")
+    out = {}
+    for s in ("A", "D"):
+        e = Envoy(s, ctx, tag="-scale", heartbeat_sec=1).start()
+        try:
+            sanity(ctx, e)
+            time.sleep(1.0)
+            rss0 = e.rss_kb()
+            held = Held(e, n, MIXED_PATHS, {"token_gen": f"scale{s}"}, f"scale-{s}")
+            try:
+                time.sleep(3.0)
+                rss1 = e.rss_kb()
+                cpu = cpu_window(e, secs)
+                st = e.stats("revenprox_(heartbeats_sent|open_streams)")
+            finally:
+                counts = held.close()
+            k = max(held.opened["opened"], 1)
+            out[s] = {"streams": n, "opened": held.opened["opened"], "open_errors": held.opened["errors"],
+                      "cpu_pct": cpu, "rss_before_kb": rss0, "rss_open_kb": rss1, "per_stream_kb": (rss1 - rss0) / k,
+                      "received": counts, "heartbeats_sent": st.get("revenprox_heartbeats_sent"),
+                      "revenprox_open_streams": st.get("revenprox_open_streams")}
+            log(f"  {s}: {held.opened['opened']:,} open, Envoy CPU {cpu:.1f} %, {out[s]['per_stream_kb']:.1f} KiB/stream, "
+                f"received {counts.get('events', 0):,} events, {counts.get('heartbeats', 0):,} heartbeats")
+        finally:
+            e.stop()
+    return out
+
+
+def cliff(ctx, P):
+    """No CPU cliff near expiry (issue #16): D's CPU while every stream is far from its token's
+    expiry, then while every stream is inside its last challenge_before_expiry_sec + 5 s. The
+    webhook answers with each token's own `exp`, so neither the server-side refresh nor the
+    re-verification moves it: the streams stay in the window until they expire (clients that
+    ignore the challenge)."""
+    n, ttl, window = P["cliff_streams"], P["cliff_ttl"], P["cliff_challenge"]
+    log(f"cliff: {n:,} streams on D expiring {ttl} s after they open (challenge {window} s before): "
+        "CPU outside and inside the last challenge + 5 s")
+    webhook = Server("webhook", ctx.workdir, ["--threads", "2", "--exp-from-token", "on"])
+    e = Envoy("D", ctx, tag="-cliff", heartbeat_sec=1, webhook=webhook,
+              sse={"challenge_before_expiry_sec": window}).start()
+    try:
+        sanity(ctx, e)
+        t0 = time.monotonic()
+        held = Held(e, n, MIXED_PATHS, {"token_gen": "cliff", "token_ttl": ttl}, "cliff")
+        try:
+            spread = time.monotonic() - t0
+            enter = ttl - window - 5  # the first stream's window opens then (seconds after t0)
+            if spread > enter - 8:
+                raise BenchError(f"cliff: opening took {spread:.1f} s, too long for a {ttl} s token")
+            # outside: from 3 s after the last open until 2 s before the first stream's window
+            time.sleep(max(0.0, t0 + spread + 3 - time.monotonic()))
+            calls0 = webhook.calls()
+            out_secs = t0 + enter - 2 - time.monotonic()
+            cpu_out = cpu_window(e, out_secs)
+            calls1 = webhook.calls()
+            # inside: from 1 s after the last stream's window opened until 1 s before the first expiry
+            time.sleep(max(0.0, t0 + spread + enter + 1 - time.monotonic()))
+            st0 = e.stats("revenprox_(challenges_sent|streams_expired)")
+            in_secs = t0 + ttl - 1 - time.monotonic()
+            cpu_in = cpu_window(e, in_secs)
+            calls2 = webhook.calls()
+            st1 = e.stats("revenprox_(challenges_sent|streams_expired)")
+            time.sleep(max(0.0, t0 + spread + ttl + 2 - time.monotonic()))
+            st2 = e.stats("revenprox_(challenges_sent|streams_expired|open_streams)")
+        finally:
+            counts = held.close()
+    finally:
+        e.stop()
+        PROCS.stop(webhook.proc)
+    out = {"streams": n, "opened": held.opened["opened"], "ttl_sec": ttl, "challenge_before_expiry_sec": window,
+           "open_secs": spread, "outside_secs": out_secs, "inside_secs": in_secs,
+           "cpu_outside_pct": cpu_out, "cpu_inside_pct": cpu_in, "ratio": cpu_in / cpu_out if cpu_out else None,
+           "webhook_calls_outside": calls1 - calls0, "webhook_calls_inside": calls2 - calls1,
+           "challenges_inside": st1.get("revenprox_challenges_sent", 0) - st0.get("revenprox_challenges_sent", 0),
+           "expired_at_end": st2.get("revenprox_streams_expired"), "open_at_end": st2.get("revenprox_open_streams"),
+           "received": counts}
+    log(f"  CPU outside {cpu_out:.1f} % ({out_secs:.0f} s), inside {cpu_in:.1f} % ({in_secs:.0f} s): "
+        f"{out['ratio']:.2f} x; webhook calls {out['webhook_calls_outside']} / {out['webhook_calls_inside']}, "
+        f"{out['challenges_inside']} challenges inside, {out['expired_at_end']} expired")
+    return out
+
+
+def reverify(ctx, P):
+    """Re-verification at scale (issue #13): 10,000 open streams (distinct tokens, so nothing is
+    coalesced) on D with a short `sse.reverify_interval_sec`: Envoy's CPU and the webhook calls
+    per second while they re-verify. Compare with D's CPU in the memory phase (same streams,
+    re-verification at its 300 s default: none in the window)."""
+    n, interval, secs = P["mem_streams"], P["reverify_interval"], P["reverify_secs"]
+    log(f"reverify: {n:,} streams on D re-verifying every {interval} s: CPU and webhook calls over {secs} s")
+    e = Envoy("D", ctx, tag="-reverify", upstream_h2=True, sse={"reverify_interval_sec": interval}).start()
+    try:
+        sanity(ctx, e)
+        t0 = time.monotonic()
+        held = Held(e, n, ["/events/bench?mode=hold&secs=300"], {"token_gen": "reverify"}, "reverify", drain=False)
+        try:
+            spread = time.monotonic() - t0
+            # every stream has re-verified at least once (interval after it opened) before the window
+            time.sleep(max(2.0, t0 + interval + 1 - time.monotonic()))
+            calls0, st0 = ctx.webhook.calls(), e.stats("revenprox_(reverif|streams_revoked)")
+            c0, w0 = e.cpu_s(), time.monotonic()
+            time.sleep(secs)
+            cpu = 100.0 * (e.cpu_s() - c0) / (time.monotonic() - w0)
+            calls1, st1 = ctx.webhook.calls(), e.stats("revenprox_(reverif|streams_revoked|open_streams)")
+            wall = time.monotonic() - w0
+        finally:
+            held.close()
+    finally:
+        e.stop()
+    d = lambda k: st1.get(k, 0) - st0.get(k, 0)  # noqa: E731
+    out = {"streams": n, "opened": held.opened["opened"], "interval_sec": interval, "open_secs": spread,
+           "window_secs": wall, "cpu_pct": cpu, "webhook_calls_per_s": (calls1 - calls0) / wall,
+           "expected_calls_per_s": held.opened["opened"] / interval,
+           "reverifications": d("revenprox_reverifications"), "reverify_failures": d("revenprox_reverify_failures"),
+           "revoked": d("revenprox_streams_revoked"), "open_at_end": st1.get("revenprox_open_streams")}
+    log(f"  {held.opened['opened']:,} open: Envoy CPU {cpu:.1f} %, {out['webhook_calls_per_s']:,.0f} webhook calls/s "
+        f"(open streams / interval = {out['expected_calls_per_s']:,.0f}), {out['reverify_failures']} failures")
     return out
 
 
@@ -633,6 +814,7 @@ CALLGRIND_SPECS = [
     ("N tick=1", "N", "tick=1", "handshake"),
     ("A", "A", None, "event"), ("N", "N", None, "event"), ("V", "V", None, "event"), ("D", "D", None, "event"),
     ("N body=1", "N", "body=1", "event"), ("N queue=1", "N", "queue=1", "event"),
+    ("N signal=1", "N", "signal=1", "event"),
 ]
 
 
@@ -736,7 +918,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small, short runs (development)")
     ap.add_argument("--rounds", type=int, help="override the number of rounds")
-    ap.add_argument("--only", default="ceilings,rounds,herd,memory,cache,hotpath",
+    ap.add_argument("--only", default="ceilings,rounds,herd,memory,scale,cliff,reverify,cache,hotpath",
                     help="comma-separated phases to run (default: all but the opt-in `callgrind`)")
     ap.add_argument("--callgrind-specs", help="with --only callgrind: just these specs, comma-separated "
                     "`label/what` (e.g. 'D/handshake,D/event,N queue=1/event')")
@@ -819,6 +1001,12 @@ def main():
                 e.stop()
         if "memory" in phases:
             results["memory"] = memory(ctx, P)
+        if "scale" in phases:
+            results["scale"] = scale(ctx, P)
+        if "cliff" in phases:
+            results["cliff"] = cliff(ctx, P)
+        if "reverify" in phases:
+            results["reverify"] = reverify(ctx, P)
         if "cache" in phases:
             results["cache"] = cache_memory(ctx, P)
         if "hotpath" in phases:

@@ -1,5 +1,5 @@
 # Benchmarks (issue #6): RevenProx next to bare Envoy, ext_authz and jwt_authn, in one run.
-#   make bench          full run (~7 min on 2 cores): docs/benchmarks.md, docs/bench/{results.json,ratios.svg}
+#   make bench          full run (~10 min on 2 cores): docs/benchmarks.md, docs/bench/{results.json,ratios.svg}
 #   make bench-quick    the same pipeline, small and short; results stay in bench/out/
 #   make bench-tools    wrk (Debian), the Rust load tools and the no-op wasm filter
 # Not part of `make test`. Extra arguments for bench/run.py: make bench BENCH_ARGS='--rounds 5'

@@ -62,11 +62,16 @@ pub fn now_sec() -> u64 {
 /// signatures, so setups without jwt_authn can use any number of distinct tokens. jwt_authn (C)
 /// gets tokens signed by the bench key instead (made by run.py with openssl).
 pub fn unsigned_token(prefix: &str, i: u64) -> String {
+    unsigned_token_ttl(prefix, i, 3 * 3600)
+}
+
+/// `unsigned_token` expiring `ttl_sec` from now.
+pub fn unsigned_token_ttl(prefix: &str, i: u64, ttl_sec: u64) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT","kid":"bench"}"#);
     let claims = format!(
         r#"{{"iss":"https://issuer.bench","sub":"{prefix}-{i}","aud":"revenprox-bench","iat":{},"exp":{},"jti":"{prefix}-{i}"}}"#,
         now_sec(),
-        now_sec() + 3 * 3600
+        now_sec() + ttl_sec
     );
     let payload = URL_SAFE_NO_PAD.encode(claims.as_bytes());
     // 256 pseudo-random bytes, like an RSA-2048 signature.
@@ -81,12 +86,20 @@ pub fn unsigned_token(prefix: &str, i: u64) -> String {
     format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode(sig))
 }
 
-/// The `sub` claim of a compact JWT (no verification).
-pub fn jwt_sub(token: &str) -> Option<String> {
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("sub")?.as_str().map(str::to_string)
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `sub` claim of a compact JWT (no verification).
+pub fn jwt_sub(token: &str) -> Option<String> {
+    jwt_claims(token)?.get("sub")?.as_str().map(str::to_string)
+}
+
+/// The `exp` claim of a compact JWT (no verification).
+pub fn jwt_exp(token: &str) -> Option<u64> {
+    jwt_claims(token)?.get("exp")?.as_u64()
 }
 
 /// Percentile (0..=100) of sorted values, nearest rank.
@@ -98,10 +111,11 @@ pub fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Tokens: from a file (one per line, cycled) or generated (`prefix-index`, distinct).
+/// Tokens: from a file (one per line, cycled) or generated (`prefix-index`, distinct, expiring
+/// after `--token-ttl` seconds, default 3 h).
 pub enum Tokens {
     List(Vec<String>),
-    Gen(String),
+    Gen(String, u64),
     None,
 }
 
@@ -121,7 +135,7 @@ impl Tokens {
         } else if let Some(t) = a.opt("token") {
             Tokens::List(vec![t])
         } else if let Some(p) = a.opt("token-gen") {
-            Tokens::Gen(p)
+            Tokens::Gen(p, a.num("token-ttl", 3 * 3600))
         } else {
             Tokens::None
         }
@@ -130,7 +144,7 @@ impl Tokens {
     pub fn get(&self, i: u64) -> Option<String> {
         match self {
             Tokens::List(v) => Some(v[(i as usize) % v.len()].clone()),
-            Tokens::Gen(p) => Some(unsigned_token(p, i)),
+            Tokens::Gen(p, ttl) => Some(unsigned_token_ttl(p, i, *ttl)),
             Tokens::None => None,
         }
     }

@@ -4,9 +4,10 @@
 //! floor cost of any Rust proxy-wasm filter in Envoy's V8. A configuration such as
 //! `headers=10,shared=10,metrics=4,time=4,tick=1,queue=1,body=1` makes it do, per request, that
 //! many request-header reads, shared-data reads, counter increments and clock reads, a tick-period
-//! change, and, per response chunk, a body read and RevenProx's hold-and-release through a
-//! per-worker shared queue (and records the largest body a callback saw in the gauge
-//! `probe_body_max`). `bench/run.py --only callgrind` runs these to price each host call.
+//! change, and, per response chunk, a body read and a hold-and-release through a per-worker shared
+//! queue (and records the largest body a callback saw in the gauge `probe_body_max`). `queue=1`
+//! sends one 4-byte message per held chunk; `signal=1` is RevenProx's way: one empty message
+//! while any chunk waits, and every held chunk released when it arrives. `bench/run.py --only callgrind` runs these to price each host call.
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
@@ -31,6 +32,8 @@ struct Probe {
     tick: bool,
     body: bool,
     queue: Option<u32>,
+    /// With `queue`: empty messages, one for all the chunks held until it arrives.
+    signal: bool,
     metric: Option<u32>,
     /// Gauge `probe_body_max`: the largest body size a body callback saw (queue mode).
     body_max: Option<u32>,
@@ -62,6 +65,11 @@ impl RootContext for Root {
                 "time" => p.time = n,
                 "tick" => p.tick = n > 0,
                 "body" => p.body = n > 0,
+                "signal" if n > 0 => {
+                    p.signal = true;
+                    let name = format!("probe.{:?}", hostcalls::get_current_time().ok());
+                    p.queue = hostcalls::register_shared_queue(&name).ok();
+                }
                 "queue" if n > 0 => {
                     // One queue per VM (worker): a unique name, as RevenProx does.
                     let name = format!("probe.{:?}", hostcalls::get_current_time().ok());
@@ -85,6 +93,16 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
+        if self.probe.get().signal {
+            // One (empty) message per call: release every held chunk.
+            let _ = hostcalls::dequeue_shared_queue(queue_id);
+            for id in self.held.borrow_mut().drain() {
+                if hostcalls::set_effective_context(id).is_ok() {
+                    let _ = hostcalls::resume_http_response();
+                }
+            }
+            return;
+        }
         while let Ok(Some(msg)) = hostcalls::dequeue_shared_queue(queue_id) {
             if let Ok(b) = <[u8; 4]>::try_from(msg.as_slice()) {
                 self.held.borrow_mut().remove(&u32::from_le_bytes(b));
@@ -150,6 +168,15 @@ impl HttpContext for Stream {
             let _ = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size);
         }
         match p.queue {
+            Some(_) if !eos && p.signal => {
+                let first = self.held.borrow().is_empty();
+                if !first || p.queue.is_some_and(|q| hostcalls::enqueue_shared_queue(q, None).is_ok()) {
+                    self.held.borrow_mut().insert(self.id);
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
             Some(q) if !eos => {
                 if hostcalls::enqueue_shared_queue(q, Some(&self.id.to_le_bytes())).is_ok() {
                     self.held.borrow_mut().insert(self.id);

@@ -5,14 +5,18 @@
 //!       N long-lived streams; counts events arriving in [W, W+S] s and the latency of each
 //!       (arrival − the upstream's send stamp `"t":<unix ns>`; not with `--latency off`).
 //!   benchc hold --port P --path PATH --streams N [--open-concurrency C] [--max-secs S] [tokens]
+//!               [--paths P1,P2,..] [--drain on]
 //!       opens N streams, waits for the first event of each, prints {"opened":..}, then holds them
-//!       until a line (or EOF) on stdin, or --max-secs.
+//!       until a line (or EOF) on stdin, or --max-secs. `--paths`: stream i requests path
+//!       i mod the number of paths. `--drain on`: keeps reading every stream (counts its events,
+//!       heartbeats and `expired` events, and whether it ended) and prints the counts at the end.
 //!   benchc load --port P --path PATH --requests M [--start K] --concurrency C [tokens]
 //!       M short requests over C keep-alive connections; request i uses token K+i.
 //!   benchc herd --port P --path PATH --n N --token T
 //!       N connections opened first, then N requests written at the same instant.
 //!
-//! tokens: --token T | --token-file F (cycled) | --token-gen PREFIX (distinct unsigned JWTs).
+//! tokens: --token T | --token-file F (cycled) | --token-gen PREFIX [--token-ttl S] (distinct
+//! unsigned JWTs expiring after S seconds, default 3 h).
 
 #[path = "../common.rs"]
 mod common;
@@ -210,9 +214,24 @@ async fn mode_stream(a: Args) {
     }));
 }
 
+/// What a drained held stream received after its first event.
+#[derive(Default)]
+struct Drained {
+    events: AtomicU64,
+    heartbeats: AtomicU64,
+    expired: AtomicU64,
+    ended: AtomicU64,
+}
+
 async fn mode_hold(a: Args) {
     let port: u16 = a.num("port", 0);
     let path = a.str("path", "/events/bench?mode=hold");
+    let paths: Arc<Vec<String>> = Arc::new(match a.opt("paths") {
+        Some(p) => p.split(',').map(str::to_string).collect(),
+        None => vec![path],
+    });
+    let drain = a.str("drain", "off") == "on";
+    let drained = Arc::new(Drained::default());
     let n: u64 = a.num("streams", 1000);
     let max = Duration::from_secs(a.num("max-secs", 120));
     let open_limit = Arc::new(Semaphore::new(a.num("open-concurrency", 256)));
@@ -224,7 +243,8 @@ async fn mode_hold(a: Args) {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..n {
-        let (path, tokens, errors) = (path.clone(), Arc::clone(&tokens), Arc::clone(&errors));
+        let path = paths[(i as usize) % paths.len()].clone();
+        let (tokens, errors, drained) = (Arc::clone(&tokens), Arc::clone(&errors), Arc::clone(&drained));
         let (opened, done, open_limit) = (Arc::clone(&opened), Arc::clone(&done), Arc::clone(&open_limit));
         let mut close = close_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -249,6 +269,32 @@ async fn mode_hold(a: Args) {
             drop(permit);
             done.fetch_add(1, Ordering::Relaxed);
             match held {
+                Ok(Ok((sender, mut body))) if drain => {
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    let mut parser = Blocks::default();
+                    let read = async {
+                        while let Some(frame) = body.frame().await {
+                            let Ok(frame) = frame else { break };
+                            let Ok(data) = frame.into_data() else { continue };
+                            parser.feed(&data, true, |first, b| {
+                                let counter = match first {
+                                    b':' => &drained.heartbeats,
+                                    _ if b.starts_with(b"event: expired") => &drained.expired,
+                                    _ => &drained.events,
+                                };
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            });
+                        }
+                        drained.ended.fetch_add(1, Ordering::Relaxed);
+                        // Ended by the other side: wait for the end like the others.
+                        std::future::pending::<()>().await;
+                    };
+                    tokio::select! {
+                        _ = read => {}
+                        _ = close.wait_for(|c| *c) => {}
+                    }
+                    drop(sender);
+                }
                 Ok(Ok(conn)) => {
                     opened.fetch_add(1, Ordering::Relaxed);
                     let _ = close.wait_for(|c| *c).await;
@@ -280,7 +326,11 @@ async fn mode_hold(a: Args) {
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    emit(json!({"closed": true}));
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    emit(json!({
+        "closed": true, "events": count(&drained.events), "heartbeats": count(&drained.heartbeats),
+        "expired": count(&drained.expired), "ended": count(&drained.ended),
+    }));
 }
 
 async fn mode_load(a: Args) {

@@ -8,7 +8,8 @@
 //!                    `?mode=hold&secs=S`: one event, then nothing until the client leaves.
 //!                    Every streamed event carries its send time: `data: {"t":<unix ns>,...}`.
 //!   benchd webhook   the filter's auth webhook: `POST {"jwt","topic"}` →
-//!                    `{"valid":true,"user_id":<sub>,"expires_at":now+3600}`.
+//!                    `{"valid":true,"user_id":<sub>,"expires_at":now+3600}` (with
+//!                    `--exp-from-token`: the token's own `exp` claim, when it has one).
 //!   benchd authz     ext_authz HTTP service: 200 + `x-user` for a request with an
 //!                    `Authorization` header, 403 without.
 //!
@@ -96,6 +97,8 @@ struct Cfg {
     slow_topic_id: Option<String>,
     slow_path: Option<String>,
     slow_ms: u64,
+    /// The webhook answers with the token's own expiry.
+    exp_from_token: bool,
 }
 
 fn event(n: u64, pad: &str) -> Bytes {
@@ -197,7 +200,8 @@ async fn webhook(cfg: Arc<Cfg>, req: Request<Incoming>) -> Result<Response<Out>,
         tokio::time::sleep(Duration::from_millis(cfg.slow_ms)).await;
     }
     let user = common::jwt_sub(jwt).unwrap_or_else(|| "u".to_string());
-    let out = serde_json::json!({"valid": true, "user_id": user, "expires_at": now_sec() + 3600});
+    let exp = common::jwt_exp(jwt).filter(|_| cfg.exp_from_token).unwrap_or(now_sec() + 3600);
+    let out = serde_json::json!({"valid": true, "user_id": user, "expires_at": exp});
     Ok(json(StatusCode::OK, out.to_string()))
 }
 
@@ -237,9 +241,10 @@ fn main() {
         slow_topic_id: slow_topic.as_ref().map(|t| hex::encode(&Sha256::digest(t.as_bytes())[..16])),
         slow_path: slow_topic.as_ref().map(|t| format!("/events/{t}")),
         slow_ms: a.num("slow-ms", 100),
+        exp_from_token: a.opt("exp-from-token").is_some_and(|v| v != "off"),
     });
     if !matches!(role.as_str(), "upstream" | "webhook" | "authz") {
-        eprintln!("usage: benchd upstream|webhook|authz [--port P] [--threads N] [--max-secs S] [--slow-topic T --slow-ms MS]");
+        eprintln!("usage: benchd upstream|webhook|authz [--port P] [--threads N] [--max-secs S] [--slow-topic T --slow-ms MS] [--exp-from-token on]");
         std::process::exit(2);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build();
