@@ -19,7 +19,7 @@ use auth::gate::{self, Request, Step};
 use auth::{cache, precheck, token, topic, verdict};
 use common::{Args, unsigned_token};
 use sse::framing::Framing;
-use revenprox_core::engine::{Engine, Flow};
+use revenprox_core::engine::{ChunkReader, Engine, Flow};
 use revenprox_core::shared::{self, MemStore, SharedStore};
 use sse::presence;
 use sse::session::Session;
@@ -127,6 +127,45 @@ fn engine_cache_hit(f: &Fixture, now_ms: u64) -> u64 {
     })
 }
 
+struct Bytes<'a>(&'a [u8]);
+
+impl ChunkReader for Bytes<'_> {
+    fn read(&mut self, start: usize, len: usize) -> Vec<u8> {
+        self.0.get(start..).map(|s| s.get(..len).unwrap_or(s).to_vec()).unwrap_or_default()
+    }
+}
+
+/// A whole one-event handshake through the warm engine, as the host drives it: request headers
+/// (from the local cache), response headers (with a content-length), the body, the end of stream,
+/// `on_done`. Host calls excluded.
+fn engine_handshake(f: &Fixture, now_ms: u64) -> u64 {
+    ENGINE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let engine = slot.get_or_insert_with(|| Engine::new(f.cfg.clone(), f.store.clone(), 1, 1, true, false, now_ms));
+        let headers = vec![
+            (":method".to_string(), b"GET".to_vec()),
+            (":path".to_string(), f.path.as_bytes().to_vec()),
+            ("authorization".to_string(), f.bearer.as_bytes().to_vec()),
+        ];
+        let response = vec![
+            (":status".to_string(), b"200".to_vec()),
+            ("content-type".to_string(), b"text/event-stream".to_vec()),
+            ("content-length".to_string(), b"13".to_vec()),
+        ];
+        let mut n = engine.request_headers(3, &headers, &mut || None, now_ms) as u64;
+        n += engine.take_effects().len() as u64;
+        engine.response_headers(3, &response, now_ms);
+        n += engine.take_effects().len() as u64;
+        n += engine.response_body(3, 13, false, &mut Bytes(b"data: hello\n\n"), now_ms) as u64;
+        n += engine.response_body(3, 0, true, &mut Bytes(b""), now_ms) as u64;
+        n += engine.take_effects().len() as u64;
+        engine.stream_done(3, now_ms);
+        engine.take_effects();
+        engine.take_metrics();
+        n
+    })
+}
+
 type Case = (&'static str, &'static str, fn(&Fixture, u64) -> u64);
 
 const CASES: &[Case] = &[
@@ -137,6 +176,7 @@ const CASES: &[Case] = &[
         black_box(ident).is_some() as u64
     }),
     ("engine_cache_hit", "Engine::request_headers for a token in the local cache (+ stream_done)", engine_cache_hit),
+    ("engine_handshake", "a whole one-event handshake through the engine: request (local cache), response headers, body, end, done", engine_handshake),
     ("gate_admit", "gate::admit: topic id, token extraction, precheck, cache key", |f, now| {
         matches!(gate::admit(&f.cfg, &request(f), now / 1000), Step::Verify(_)) as u64
     }),

@@ -66,8 +66,9 @@ pub trait ChunkReader {
 struct Auth {
     user_id: String,
     topic_id: String,
-    presence: presence::Key,
-    refresh: refresh::Key,
+    /// Its (user, topic) keys, computed on first use (a short response never needs them).
+    presence: Option<presence::Key>,
+    refresh: Option<refresh::Key>,
     /// The credential the next re-verification sends: the one the stream opened with, or the last
     /// refresh it took.
     credential: Credential,
@@ -85,6 +86,25 @@ struct Auth {
     verifying: bool,
     /// The expiry the pre-expiry check has run for.
     checked_for: Option<u64>,
+}
+
+impl Auth {
+    /// Its key in the presence table (and in `Streams::by_key`).
+    fn presence(&mut self) -> presence::Key {
+        let (user, topic) = (&self.user_id, &self.topic_id);
+        *self.presence.get_or_insert_with(|| presence::stream_key(user, topic))
+    }
+
+    /// `presence()` without keeping it.
+    fn presence_now(&self) -> presence::Key {
+        self.presence.unwrap_or_else(|| presence::stream_key(&self.user_id, &self.topic_id))
+    }
+
+    /// Its key in the Envoy-wide refresh records.
+    fn refresh(&mut self) -> refresh::Key {
+        let (user, topic) = (&self.user_id, &self.topic_id);
+        *self.refresh.get_or_insert_with(|| refresh::key(user, topic))
+    }
 }
 
 struct Live {
@@ -278,7 +298,8 @@ fn content_coding(headers: &[(String, Vec<u8>)]) -> Option<&[u8]> {
 /// Takes the Envoy-wide refresh record of `auth`'s user and topic if it was posted while the stream
 /// was open, after the last refresh the stream took, and gives a later expiry.
 fn adopt_refresh<S: SharedStore + ?Sized>(io: &mut Io<S>, auth: &mut Auth, session: &mut Session) -> bool {
-    let Some(record) = shared::refresh_get(io.store, &auth.refresh, io.now_ms) else {
+    let key = auth.refresh();
+    let Some(record) = shared::refresh_get(io.store, &key, io.now_ms) else {
         return false;
     };
     let newer = record.at_ms > auth.opened_ms && record.at_ms > auth.refreshed_at_ms;
@@ -418,8 +439,8 @@ impl Streams {
         let auth = identity.map(|i| {
             let spread = u64::from(ctx).wrapping_mul(0x9e37_79b9);
             Auth {
-                presence: presence::stream_key(&i.user_id, &i.topic_id),
-                refresh: refresh::key(&i.user_id, &i.topic_id),
+                presence: None,
+                refresh: None,
                 user_id: i.user_id,
                 topic_id: i.topic_id,
                 credential: i.credential,
@@ -667,8 +688,8 @@ impl Streams {
                 continue;
             };
             live.fresh = false;
-            if let Some(auth) = &live.auth {
-                self.by_key.entry(auth.presence).or_default().ctxs.push(ctx);
+            if let Some(auth) = live.auth.as_mut() {
+                self.by_key.entry(auth.presence()).or_default().ctxs.push(ctx);
             }
             schedule(&mut self.timers, live, Some(now_ms));
         }
@@ -708,9 +729,10 @@ impl Streams {
         if let Some(auth) = live.auth.as_mut() {
             if now_ms >= auth.touch_at_ms {
                 auth.touch_at_ms = now_ms.saturating_add(presence::REFRESH_MS);
-                let keyed = self.by_key.entry(auth.presence).or_default();
+                let key = auth.presence();
+                let keyed = self.by_key.entry(key).or_default();
                 if !auth.registered {
-                    auth.registered = shared::presence_change(io.store, &auth.presence, worker, 1, now_ms);
+                    auth.registered = shared::presence_change(io.store, &key, worker, 1, now_ms);
                     if auth.registered {
                         keyed.touched_ms = now_ms;
                     } else {
@@ -719,7 +741,7 @@ impl Streams {
                     }
                 } else if now_ms.saturating_sub(keyed.touched_ms) >= presence::REFRESH_MS / 2 {
                     // One touch per key however many of its streams are here.
-                    shared::presence_change(io.store, &auth.presence, worker, 0, now_ms);
+                    shared::presence_change(io.store, &key, worker, 0, now_ms);
                     keyed.touched_ms = now_ms;
                 }
             }
@@ -801,7 +823,7 @@ impl Streams {
     /// Every stream with the same credential and topic as a re-verification joins it (one webhook
     /// call for all), so their schedules align. Such streams share the (user, topic) key.
     fn coalesce(&mut self, first: Reverify) -> Vec<Reverify> {
-        let key = self.live.get(&first.ctx).and_then(|l| l.auth.as_ref()).map(|a| a.presence);
+        let key = self.live.get(&first.ctx).and_then(|l| l.auth.as_ref()).map(Auth::presence_now);
         let mates: Vec<Ctx> =
             key.and_then(|k| self.by_key.get(&k)).map(|k| k.ctxs.clone()).unwrap_or_default();
         let mut out = vec![first];
@@ -932,7 +954,7 @@ impl Streams {
             .filter(|c| {
                 self.live
                     .get(c)
-                    .is_some_and(|l| l.fresh && l.auth.as_ref().is_some_and(|a| &a.presence == key))
+                    .is_some_and(|l| l.fresh && l.auth.as_ref().is_some_and(|a| &a.presence_now() == key))
             })
             .collect()
     }
@@ -946,11 +968,11 @@ impl Streams {
         if let Some(q) = live.queued_ms {
             self.timers.remove(&(q, live.ctx));
         }
-        if let Some(auth) = &live.auth {
-            if let Some(keyed) = self.by_key.get_mut(&auth.presence) {
+        if let Some(key) = live.auth.as_ref().map(Auth::presence_now) {
+            if let Some(keyed) = self.by_key.get_mut(&key) {
                 keyed.ctxs.retain(|c| *c != live.ctx);
                 if keyed.ctxs.is_empty() {
-                    self.by_key.remove(&auth.presence);
+                    self.by_key.remove(&key);
                 }
             }
         }
@@ -966,7 +988,7 @@ impl Streams {
             io.tally.add(Metric::OpenStreams, -1);
             self.forget(&live);
             if let Some(auth) = live.auth.filter(|a| a.registered) {
-                shared::presence_change(io.store, &auth.presence, self.worker, -1, io.now_ms);
+                shared::presence_change(io.store, &auth.presence_now(), self.worker, -1, io.now_ms);
             }
         }
     }

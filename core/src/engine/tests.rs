@@ -1534,3 +1534,33 @@ fn a_tick_visits_only_the_streams_that_are_due() {
     }
     assert_eq!(h.engine.streams().scheduled(), 0);
 }
+
+#[test]
+fn a_response_that_ends_before_the_next_tick_computes_no_stream_keys() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    let token = jwt("kim", 600);
+    h.request(50, &get("/events/news", &token));
+    let (call, _) = h.pending_calls()[0];
+    h.answer(call, 200, &verdict("kim", 600));
+    let hashed = || crate::sse::presence::HASHED.with(|n| n.replace(0));
+    hashed();
+    // A one-event response, then the end: no presence or refresh key, no timer entry.
+    h.engine.response_headers(50, &response_with_length(13), h.now);
+    h.run();
+    assert_eq!(h.body(50, b"data: hello\n\n", false), Flow::Continue);
+    assert_eq!(h.body(50, b"", true), Flow::Continue);
+    h.done_stream(50);
+    assert_eq!(hashed(), 0);
+    assert_eq!(h.engine.streams().scheduled(), 0);
+    // A stream still open at the next tick gets its keys then (and is registered).
+    h.request(51, &get("/events/news", &token));
+    h.response(51);
+    assert!(h
+        .engine
+        .streams()
+        .has_local(&crate::sse::presence::stream_key("kim", &topic::id("news").unwrap())));
+    hashed();
+    h.tick_until(h.now + 30);
+    assert_eq!(hashed(), 1);
+    assert_eq!(h.engine.streams().scheduled(), 1);
+}

@@ -28,7 +28,15 @@ pub const REFRESH_MS: u64 = 10_000;
 /// A record not touched for this long belongs to a worker that is gone.
 pub const STALE_MS: u64 = 3 * REFRESH_MS;
 
+#[cfg(test)]
+thread_local! {
+    /// Keys hashed by this thread (tests count what a path computes).
+    pub static HASHED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 fn hash(parts: &[&[u8]]) -> Key {
+    #[cfg(test)]
+    HASHED.with(|n| n.set(n.get() + 1));
     let mut h = Sha256::new();
     for p in parts {
         // Length-prefixed, so no combination of parts can spell another.
