@@ -43,6 +43,10 @@ fuzz_target!(|input: Input| {
 
     let id = topic::id(seg);
     assert_eq!(id, reference::topic_id(seg), "{seg:?}");
+    // A worker's cache of ids answers the same, the first time and after.
+    let mut ids = topic::Ids::default();
+    assert_eq!(ids.id(seg), id);
+    assert_eq!(ids.id(seg), id);
     if let Some(id) = &id {
         assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     }

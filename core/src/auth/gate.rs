@@ -114,12 +114,22 @@ pub fn outside_prefix(cfg: &Config, path: &str) -> bool {
 }
 
 pub fn admit(cfg: &Config, req: &Request, now_sec: u64) -> Step {
+    admit_with(cfg, req, now_sec, &mut topic::id)
+}
+
+/// `admit`, with the topic id of a segment from `topic_id` (a worker's `topic::Ids`).
+pub fn admit_with(
+    cfg: &Config,
+    req: &Request,
+    now_sec: u64,
+    topic_id: &mut dyn FnMut(&str) -> Option<String>,
+) -> Step {
     let (path_only, query) = split_query(req.path);
     let reauth = is_challenge_response(req);
     if cfg.development_mode() && !reauth {
         return Step::Pass;
     }
-    let Some(topic_id) = topic::segment(path_only, &cfg.topic.path_prefix).and_then(topic::id) else {
+    let Some(topic_id) = topic::segment(path_only, &cfg.topic.path_prefix).and_then(topic_id) else {
         let prefix = &cfg.topic.path_prefix;
         if cfg.topic.other_paths == OtherPaths::Pass && !canonical::under_prefix(path_only, prefix) {
             return Step::Other;

@@ -35,10 +35,63 @@ pub fn id(segment: &str) -> Option<String> {
     Some(hex::encode(digest.get(..16)?))
 }
 
+/// The topic ids of recent segments: a worker sees few topics, each very often, and `id` of a
+/// segment seen before costs a map lookup instead of a SHA-256. Bounded: at most `Ids::MAX`
+/// segments of at most `Ids::MAX_LEN` bytes, forgotten all at once when full.
+#[derive(Debug, Default)]
+pub struct Ids {
+    map: std::collections::HashMap<String, Option<String>>,
+    #[cfg(test)]
+    computed: u32,
+}
+
+impl Ids {
+    pub const MAX: usize = 256;
+    pub const MAX_LEN: usize = 128;
+
+    /// `id(segment)`.
+    pub fn id(&mut self, segment: &str) -> Option<String> {
+        if let Some(known) = self.map.get(segment) {
+            return known.clone();
+        }
+        #[cfg(test)]
+        {
+            self.computed += 1;
+        }
+        let id = id(segment);
+        if segment.len() <= Self::MAX_LEN {
+            if self.map.len() >= Self::MAX {
+                self.map.clear();
+            }
+            self.map.insert(segment.to_string(), id.clone());
+        }
+        id
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_answer_like_id_and_stay_bounded() {
+        let mut ids = Ids::default();
+        let long = "x".repeat(Ids::MAX_LEN + 1);
+        let segments = ["news", "News", "a%20b", "bad%zz", "0123456789ABCDEF0123456789abcdef", &long];
+        for _ in 0..3 {
+            for seg in segments {
+                assert_eq!(ids.id(seg), id(seg), "{seg}");
+            }
+        }
+        // Each short segment computed once; the long one every time.
+        assert_eq!(ids.computed, 5 + 3);
+        for n in 0..1_000 {
+            let seg = format!("t{n}");
+            assert_eq!(ids.id(&seg), id(&seg));
+            assert!(ids.map.len() <= Ids::MAX);
+        }
+    }
 
     #[test]
     fn segment_after_prefix() {

@@ -73,6 +73,8 @@ pub struct Engine<S> {
     /// The timer period last asked for.
     tick_ms: u64,
     debug: bool,
+    /// Topic ids of the segments this worker saw lately.
+    topics: crate::auth::topic::Ids,
 }
 
 impl<S: SharedStore> Engine<S> {
@@ -100,6 +102,7 @@ impl<S: SharedStore> Engine<S> {
             tally: Tally::default(),
             tick_ms: 0,
             debug,
+            topics: crate::auth::topic::Ids::default(),
         }
     }
 
@@ -154,8 +157,10 @@ impl<S: SharedStore> Engine<S> {
         downstream: &mut dyn FnMut() -> Option<String>,
         now_ms: u64,
     ) -> Flow {
+        let mut topics = std::mem::take(&mut self.topics);
         let (mut io, verifier, streams) = self.io(now_ms);
-        let flow = request(&mut io, verifier, streams, ctx, headers, downstream);
+        let flow = request(&mut io, verifier, streams, &mut topics, ctx, headers, downstream);
+        self.topics = topics;
         self.reschedule(now_ms);
         flow
     }
@@ -278,6 +283,7 @@ fn request<S: SharedStore + ?Sized>(
     io: &mut Io<S>,
     verifier: &mut Verifier,
     streams: &mut Streams,
+    topics: &mut crate::auth::topic::Ids,
     ctx: Ctx,
     headers: &[(String, Vec<u8>)],
     downstream: &mut dyn FnMut() -> Option<String>,
@@ -318,7 +324,7 @@ fn request<S: SharedStore + ?Sized>(
         authorization: find(headers, "authorization"),
         cookie: joined.as_deref().or_else(|| cookies.first().copied()),
     };
-    match gate::admit(cfg, &request, io.now_ms / 1000) {
+    match gate::admit_with(cfg, &request, io.now_ms / 1000, &mut |segment| topics.id(segment)) {
         Step::Reply(reply) => {
             io.reply(ctx, reply);
             Flow::Pause
