@@ -88,6 +88,35 @@ def test_no_heartbeat_while_upstream_talks(senv):
         assert HEARTBEAT not in text, "a heartbeat was sent although bytes went to the client"
 
 
+def test_heartbeats_and_expiry_reach_a_stream_that_goes_quiet_right_after_a_burst(senv, webhook):
+    """The filter holds only the chunks after which something may have to be written (README,
+    "Performance"): chunks that end inside an event go on unheld. The last chunk of a burst ends an
+    event, so it is held, and the silence after it still gets its heartbeats, the challenge and
+    the expiry."""
+    tok = new_token("burst")
+    webhook.program(tok, valid("burst-user", expires_at=int(time.time()) + 5))
+    with open_stream(senv, tok, "burst", x_upstream_burst=40) as s:
+        s.read_until(lambda t: "data: burst 40\n\n" in t, timeout=4)
+        t_burst = time.monotonic()
+        s.read_until(None, timeout=8)
+        text = s.text
+        assert s.ended, f"the stream must end at the token's expiry: {text[-300:]!r}"
+        body = text.split("\n\n", 1)[1]
+        assert strip_injected(body.split("event: expired")[0]) == "".join(
+            f"data: burst {n}\n\n" for n in range(1, 41)), "burst events changed or split"
+        after = body.split("data: burst 40\n\n", 1)[1]
+        assert after.count(HEARTBEAT) >= 2, f"no heartbeats in the silence after the burst: {after!r}"
+        assert event_named(after, "challenge"), f"no challenge after the burst: {after!r}"
+        assert event_named(after, "expired"), f"no `event: expired` after the burst: {after!r}"
+        acc, t_hb = b"", None
+        for t, c in s.chunks:
+            acc += c
+            if t >= t_burst and HEARTBEAT.encode() in acc.split(b"data: burst 40\n\n", 1)[-1]:
+                t_hb = t
+                break
+        assert t_hb is not None and t_hb - t_burst <= 2.0, "the first heartbeat came late after the burst"
+
+
 def test_heartbeat_never_inside_a_split_event(senv):
     tok = new_token("split")
     with open_stream(senv, tok, "split", x_upstream_split_delay=1.6) as s:

@@ -13,6 +13,10 @@ GET /events/<topic...>  -> 200 text/event-stream (chunked). The first event's da
                                      "data: after\n\n" and the end
                              silent  send nothing more, hold the stream open until the client
                                      goes away
+                             burst   `x-upstream-burst` events (default 30) in quick succession,
+                                     in chunks a few ms apart, some ending inside an event, the
+                                     last one ending with the last event; then silence until the
+                                     client goes away
                              big     one 2 MB event (`id: big`) in 64 KB chunks, then
                                      "data: after-big\n\n" and the end
                              reset   "data: tick 1\n\n" and half an event, then a TCP reset
@@ -198,6 +202,18 @@ class _Handler(BaseHTTPRequestHandler):
                 os.close(self.connection.detach())
                 self.wfile = io.BytesIO()
                 return
+            elif mode == "burst":
+                count = int(self.headers.get("x-upstream-burst") or 30)
+                text = b"".join(b"data: burst %d\n\n" % n for n in range(1, count + 1))
+                # pieces of 7..23 bytes: most chunks end inside an event; the last ends with it
+                pos, size = 0, 7
+                while pos < len(text):
+                    self._chunk(text[pos:pos + size])
+                    pos += size
+                    size = 7 + (size * 5) % 17
+                    time.sleep(0.003)
+                while not self._client_gone(0.5):
+                    pass
             elif mode == "silent":
                 while not self._client_gone(0.5):
                     pass
