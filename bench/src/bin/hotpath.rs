@@ -55,10 +55,12 @@ fn fixture() -> Fixture {
     let topic_id = topic::id("bench").unwrap_or_default();
     let key = cache::key(&token, &topic_id);
     let now_ms = common::now_sec() * 1000;
+    let mut store = MemStore::new();
     let hit = cache::Entry { key, until_ms: now_ms + 300_000, expires_at: now_ms / 1000 + 3600, user_id: "user-42".into() };
     let other = cache::Entry { key: [7; 32], until_ms: now_ms + 300_000, expires_at: 1, user_id: "user-7".into() };
-    let mut store = MemStore::new();
-    let [a, b] = cache::slots(&key, cfg.verifier.cache_max_size);
+    // Where the shipped code looks for the key (salted placement): the other entry in the first slot,
+    // the hit in the second, so a lookup reads both.
+    let [a, b] = shared::cache_slots(&store, &key, cfg.verifier.cache_max_size);
     let _ = store.set(&cache::slot_name(a), &other.encode(), None);
     let _ = store.set(&cache::slot_name(b), &hit.encode(), None);
     let mut bucket = presence::Bucket::default();
@@ -236,6 +238,22 @@ fn main() {
     let a = Args::parse(argv.get(1..).unwrap_or_default());
     let f = fixture();
     let now = common::now_sec() * 1000;
+    // The cases price the cache-hit path: a fixture the shipped lookup misses would silently price
+    // a webhook dispatch instead (it did once, when placement became salted).
+    if cache_lookup(&f, now).is_none() {
+        eprintln!("hotpath: the fixture's verdict is not where the shipped cache lookup reads it");
+        std::process::exit(1);
+    }
+    let mut probe = Engine::new(f.cfg.clone(), f.store.clone(), 1, 1, true, false, now);
+    let headers = vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (":path".to_string(), f.path.as_bytes().to_vec()),
+        ("authorization".to_string(), f.bearer.as_bytes().to_vec()),
+    ];
+    if probe.request_headers(9, &headers, &mut || None, now) != Flow::Continue {
+        eprintln!("hotpath: the engine does not forward the fixture's request from the cache");
+        std::process::exit(1);
+    }
     if let Some(only) = a.opt("only") {
         let iters: u64 = a.num("iters", 1000);
         let Some(case) = CASES.iter().find(|c| c.0 == only) else {

@@ -199,10 +199,15 @@ fn read_entry<S: SharedStore + ?Sized, T>(
     store.get(name).0.and_then(|v| decode(&v))
 }
 
+/// The two slots of the verdict cache where `key` may live in this Envoy (salted placement).
+pub fn cache_slots<S: SharedStore + ?Sized>(store: &S, key: &Key, slots: u32) -> [u32; 2] {
+    cache::slots(&placement(store, key), slots)
+}
+
 /// The live cached verdict for `key`, if any. The second candidate slot is read only when the
 /// first does not hold the entry (each shared-data read is a VM round trip).
 pub fn cache_get<S: SharedStore + ?Sized>(store: &S, key: &Key, slots: u32, now_ms: u64) -> Option<Entry> {
-    let [a, b] = cache::slots(&placement(store, key), slots);
+    let [a, b] = cache_slots(store, key, slots);
     let first = read_entry(store, &cache::slot_name(a), Entry::decode);
     if let Some(hit) = first.filter(|e| &e.key == key && e.live(now_ms)) {
         return Some(hit);
@@ -216,7 +221,7 @@ pub fn cache_get<S: SharedStore + ?Sized>(store: &S, key: &Key, slots: u32, now_
 /// Stores `entry` in one of its two slots (last writer wins: a cache, not a ledger). `false` when
 /// the host refused the write.
 pub fn cache_put<S: SharedStore + ?Sized>(store: &mut S, entry: &Entry, slots: u32, now_ms: u64) -> bool {
-    let [a, b] = cache::slots(&placement(store, &entry.key), slots);
+    let [a, b] = cache_slots(store, &entry.key, slots);
     let candidates = [
         read_entry(store, &cache::slot_name(a), Entry::decode),
         if a == b { None } else { read_entry(store, &cache::slot_name(b), Entry::decode) },
