@@ -295,10 +295,11 @@ def callgrind_section(cg, note=""):
           "every 50 ms (one chunk per event). Counts do not move with the machine's load.\n" + note,
           "| setup | instructions per handshake | over A | per event | over A |",
           "| --- | --- | --- | --- | --- |"]
-    names = {"A": "bare Envoy", "N": "no-op wasm filter", "V": "RevenProx, development mode",
+    names = {"A": "bare Envoy", "B": "ext_authz (HTTP; its service's own work not counted)",
+             "C": "jwt_authn (RS256, local JWKS)", "N": "no-op wasm filter", "V": "RevenProx, development mode",
              "D": "RevenProx, cache warm", "E": "RevenProx, cache off"}
     a_hs, a_ev = per.get(("A", "handshake")), per.get(("A", "event"))
-    for x in ("A", "N", "V", "D", "E"):
+    for x in ("A", "B", "C", "N", "V", "D", "E"):
         hs, ev = per.get((x, "handshake")), per.get((x, "event"))
         if hs is None and ev is None:
             continue

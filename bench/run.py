@@ -814,6 +814,7 @@ def cache_memory(ctx, P):
 CALLGRIND_SPECS = [
     ("A", "A", None, "handshake"), ("N", "N", None, "handshake"), ("V", "V", None, "handshake"),
     ("D", "D", None, "handshake"), ("E", "E", None, "handshake"),
+    ("B", "B", None, "handshake"), ("C", "C", None, "handshake"),
     ("N headers=20", "N", "headers=20", "handshake"), ("N shared=20", "N", "shared=20", "handshake"),
     ("N metrics=20", "N", "metrics=20", "handshake"), ("N time=20", "N", "time=20", "handshake"),
     ("N tick=1", "N", "tick=1", "handshake"),
