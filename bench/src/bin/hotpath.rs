@@ -111,15 +111,20 @@ thread_local! {
 
 /// The shipped engine's request path for a token in its local cache: gate, local LRU hit,
 /// identity and credential effects, as `on_http_request_headers` runs it (host calls excluded).
+/// The request headers of the fixture's handshake, as the host hands them to the engine.
+fn request_headers(f: &Fixture) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (":path".to_string(), f.path.as_bytes().to_vec()),
+        ("authorization".to_string(), f.bearer.as_bytes().to_vec()),
+    ]
+}
+
 fn engine_cache_hit(f: &Fixture, now_ms: u64) -> u64 {
     ENGINE.with(|cell| {
         let mut slot = cell.borrow_mut();
         let engine = slot.get_or_insert_with(|| Engine::new(f.cfg.clone(), f.store.clone(), 1, 1, true, false, now_ms));
-        let headers = vec![
-            (":method".to_string(), b"GET".to_vec()),
-            (":path".to_string(), f.path.as_bytes().to_vec()),
-            ("authorization".to_string(), f.bearer.as_bytes().to_vec()),
-        ];
+        let headers = request_headers(f);
         let flow = engine.request_headers(2, &headers, &mut || None, now_ms);
         let effects = engine.take_effects();
         engine.stream_done(2, now_ms);
@@ -144,11 +149,7 @@ fn engine_handshake(f: &Fixture, now_ms: u64) -> u64 {
     ENGINE.with(|cell| {
         let mut slot = cell.borrow_mut();
         let engine = slot.get_or_insert_with(|| Engine::new(f.cfg.clone(), f.store.clone(), 1, 1, true, false, now_ms));
-        let headers = vec![
-            (":method".to_string(), b"GET".to_vec()),
-            (":path".to_string(), f.path.as_bytes().to_vec()),
-            ("authorization".to_string(), f.bearer.as_bytes().to_vec()),
-        ];
+        let headers = request_headers(f);
         let response = vec![
             (":status".to_string(), b"200".to_vec()),
             ("content-type".to_string(), b"text/event-stream".to_vec()),
@@ -245,11 +246,7 @@ fn main() {
         std::process::exit(1);
     }
     let mut probe = Engine::new(f.cfg.clone(), f.store.clone(), 1, 1, true, false, now);
-    let headers = vec![
-        (":method".to_string(), b"GET".to_vec()),
-        (":path".to_string(), f.path.as_bytes().to_vec()),
-        ("authorization".to_string(), f.bearer.as_bytes().to_vec()),
-    ];
+    let headers = request_headers(&f);
     if probe.request_headers(9, &headers, &mut || None, now) != Flow::Continue {
         eprintln!("hotpath: the engine does not forward the fixture's request from the cache");
         std::process::exit(1);
