@@ -248,7 +248,8 @@ fn next_visit(cfg: &Config, live: &Live, now_ms: u64) -> Option<u64> {
     }
     let mut next: Option<u64> = None;
     let mut want = |at: u64| next = Some(next.map_or(at, |n: u64| n.min(at)));
-    if let Some(auth) = &live.auth {
+    // An ending stream decides nothing more (`visit`): its re-verification and checks are not due.
+    if let Some(auth) = live.auth.as_ref().filter(|_| !ending(live.pending)) {
         want(auth.touch_at_ms);
         if let Some(at) = auth.verify_at_ms.filter(|_| !auth.verifying) {
             want(at);
@@ -272,6 +273,11 @@ fn next_visit(cfg: &Config, live: &Live, now_ms: u64) -> Option<u64> {
         }
     }
     next
+}
+
+/// `expired` waits to be written: the stream is ending.
+fn ending(pending: Option<Injection>) -> bool {
+    matches!(pending, Some(Injection::Expired(_)))
 }
 
 fn is_event_stream(value: Option<&[u8]>) -> bool {
@@ -745,7 +751,9 @@ impl Streams {
                     keyed.touched_ms = now_ms;
                 }
             }
-            if !live.session.finished() && live.pending.is_none() {
+            // A heartbeat or challenge waiting for the end of an upstream event does not hold up
+            // the stream's re-verification or its pre-expiry check; only an ending stream skips them.
+            if !live.session.finished() && !ending(live.pending) {
                 reverify = decide(io, ctx, auth, &mut live.session);
             }
         }
@@ -758,7 +766,7 @@ impl Streams {
         } else if let Some(due) = due {
             // At the expiry, one last look for a refresh posted on another worker.
             let adopted = matches!(due, Injection::Expired(ExpiryReason::TokenExpired))
-                && live.pending.is_none()
+                && !ending(live.pending)
                 && live.auth.as_mut().is_some_and(|a| adopt_refresh(io, a, &mut live.session));
             if !adopted {
                 // An earlier injection still waiting is superseded by a more important one.
@@ -834,7 +842,7 @@ impl Streams {
             let Some(auth) = live.auth.as_mut() else {
                 continue;
             };
-            if auth.verifying || live.session.finished() || live.pending.is_some() {
+            if auth.verifying || live.session.finished() || ending(live.pending) {
                 continue;
             }
             let Some(r) = out.first() else {

@@ -1564,3 +1564,79 @@ fn a_response_that_ends_before_the_next_tick_computes_no_stream_keys() {
     assert_eq!(hashed(), 1);
     assert_eq!(h.engine.streams().scheduled(), 1);
 }
+
+// Fourth attack run (finding 34): an upstream that pauses inside an event leaves a heartbeat
+// waiting for the event's end; the stream's re-verification, refresh adoption and pre-expiry
+// check must go on meanwhile, and the timer must not visit it on every tick.
+#[test]
+fn a_stream_paused_inside_an_event_is_still_reverified() {
+    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":0,"reverify_interval_sec":2}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    let token = jwt("pia", 3_600);
+    h.open(300, &token, "pia", 3_600);
+    // The upstream starts its next event and pauses inside it.
+    assert_eq!(h.body(300, b"data: part", false), Flow::Continue);
+    h.take();
+    let calls = h.metric(Metric::WebhookCalls);
+    h.tick_until(T0 + 5_000);
+    assert!(
+        h.metric(Metric::WebhookCalls) > calls,
+        "no re-verification in 5 s at reverify_interval_sec 2 (pending calls {:?})",
+        h.pending_calls()
+    );
+}
+
+#[test]
+fn a_refresh_on_another_worker_reaches_a_stream_paused_inside_an_event() {
+    let store = MemStore::new();
+    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    a.open(330, &jwt("rita", 20), "rita", 20);
+    assert_eq!(a.body(330, b"data: part", false), Flow::Continue);
+    a.tick_until(T0 + 12_020);
+    b.now = a.now;
+    b.request(340, &refresh("/events/news", &jwt("rita", 60)));
+    b.answer(b.pending_calls()[0].0, 200, &verdict("rita", 60));
+    assert_eq!(b.take().last(), Some(&Effect::NoContent { ctx: 340 }));
+    a.take();
+    a.tick_until(T0 + 24_000);
+    let closed = a.take().iter().any(|e| matches!(e, Effect::Close { ctx: 330 }));
+    assert!(
+        !closed && a.engine.streams().expires_at(330) == Some(T0_SEC + 60),
+        "refresh accepted on worker B (204), yet the stream on A: closed={closed}, expires_at={:?}",
+        a.engine.streams().expires_at(330).map(|e| e as i64 - T0_SEC as i64)
+    );
+}
+
+#[test]
+fn a_stream_paused_inside_an_event_still_gets_its_server_side_refresh() {
+    // README "Scaling and state": a stream whose expiry is near and that no refresh reached asks the
+    // webhook once more about its own credential half the challenge window before `expires_at`.
+    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    let token = jwt("sol", 20);
+    h.open(360, &token, "sol", 20);
+    assert_eq!(h.body(360, b"data: part", false), Flow::Continue);
+    h.take();
+    let calls = h.metric(Metric::WebhookCalls);
+    h.tick_until(T0 + 19_500);
+    assert!(
+        h.metric(Metric::WebhookCalls) > calls,
+        "no server-side refresh before the expiry of a stream paused inside an event"
+    );
+}
+
+#[test]
+fn a_stream_paused_inside_an_event_is_not_visited_every_tick() {
+    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":0,"reverify_interval_sec":2}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.open(370, &jwt("tom", 3_600), "tom", 3_600);
+    assert_eq!(h.body(370, b"data: part", false), Flow::Continue);
+    h.tick_until(T0 + 3_000);
+    let before = h.engine.streams().visits();
+    h.tick_until(T0 + 8_000);
+    let visits = h.engine.streams().visits() - before;
+    // "The timer visits only the streams that are due": nothing is due in these 5 s but presence.
+    assert!(visits <= 5, "{visits} visits of one paused stream in 5 s (timer period {} ms)", h.tick_ms);
+}
