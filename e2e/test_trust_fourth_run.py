@@ -153,3 +153,42 @@ def test_a_refresh_on_another_worker_reaches_a_stream_paused_inside_an_event(poo
     assert b"data: after" in body and b"event: expired" not in body, (
         f"{shape}: refresh accepted (204) on the other worker, yet the stream ended after "
         f"{alive_for:.1f} s (ended={ended}); body: {body[-300:]!r}")
+
+
+def refresh_after_open(env, webhook, wait):
+    results = []
+    for attempt in range(6):
+        conn_s, w_s = connection_on_worker(env)
+        conn_r, _ = connection_on_worker(env, avoid=w_s)
+        try:
+            uid = "fresh-" + uuid.uuid4().hex[:8]
+            opening, refresh = new_token("fo"), new_token("fr")
+            webhook.program(opening, valid(uid, ttl=600))
+            webhook.program(refresh, valid(uid, ttl=900))
+            conn_r.request("GET", "/events/desk", headers={**bearer(refresh), "x-upstream-mode": "end"})
+            conn_r.getresponse().read()
+            time.sleep(0.3)
+            conn_s.request("GET", "/events/desk", headers={**bearer(opening), "x-upstream-mode": "silent"})
+            resp = conn_s.getresponse()
+            assert resp.status == 200
+            resp.read1(65536)
+            t = time.monotonic()
+            time.sleep(wait)
+            conn_r.request("POST", "/events/desk", body=b"", headers={**bearer(refresh), "content-type": CR})
+            r = conn_r.getresponse()
+            body = r.read()
+            results.append((r.status, round((time.monotonic() - t) * 1000, 1), body[:60]))
+        finally:
+            conn_s.close()
+            conn_r.close()
+        time.sleep(0.2)
+    return results
+
+
+def test_a_refresh_on_the_other_worker_right_after_the_stream_opened_is_accepted(envoys, webhook):
+    """README: the filter 'requires the user to have an open stream on that topic, answers 204
+    ... and every open stream of that user on that topic in this Envoy - on any worker - takes the
+    new expiry'. The stream is open (200, its first event read) when the refresh is posted."""
+    env = envoys.get({"sse": {"reverify_interval_sec": 0}}, name="fourth-fresh-refresh")
+    results = refresh_after_open(env, webhook, 0.0)
+    assert all(r[0] == 204 for r in results), f"(status, ms from the stream's first event, body): {results}"

@@ -210,6 +210,9 @@ impl<S: SharedStore> Engine<S> {
         deliver_all(&mut io, verifier, streams, finished);
         let reverify = streams.tick(&mut io);
         start_reverifications(&mut io, verifier, streams, root, reverify);
+        for parked in streams.take_parked() {
+            refresh_or_wait(&mut io, streams, parked);
+        }
         self.reschedule(now_ms);
     }
 
@@ -573,35 +576,57 @@ fn refresh_streams<S: SharedStore + ?Sized>(
     user_id: &str,
     expires_at: u64,
 ) {
+    let parked = streams::Parked {
+        ctx,
+        key: presence::stream_key(user_id, &f.topic_id),
+        user_id: user_id.to_string(),
+        topic_id: f.topic_id.clone(),
+        credential: f.credential.clone(),
+        expires_at,
+        until_ms: io.now_ms.saturating_add(streams::REFRESH_GRACE_MS),
+    };
+    refresh_or_wait(io, streams, parked);
+}
+
+/// An accepted refresh: its user's streams on its topic take it (those of this worker at once, the
+/// others from the refresh record) and the client gets 204; while no such stream is known in the
+/// Envoy it waits (`streams::Parked`), and is refused 403 once its grace has run out.
+fn refresh_or_wait<S: SharedStore + ?Sized>(io: &mut Io<S>, streams: &mut Streams, p: streams::Parked) {
     let now_ms = io.now_ms;
-    let key = presence::stream_key(user_id, &f.topic_id);
     // A stream on this worker opened so recently that no tick has registered it yet counts too.
-    let present = streams.has_local(&key) || shared::presence_count(io.store, &key, now_ms) > 0;
+    let present = streams.has_local(&p.key) || shared::presence_count(io.store, &p.key, now_ms) > 0;
     if !present {
+        if now_ms < p.until_ms {
+            streams.park(p);
+            return;
+        }
         // Worth an operator's attention: the client's refresh reached a replica without its stream
         // (routing by user, not by connection, avoids it; README "Scaling and state").
         let line = format!(
-            "revenprox: refresh refused: user {user_id} has no open stream on topic {} here",
-            f.topic_id
+            "revenprox: refresh refused: user {} has no open stream on topic {} here",
+            p.user_id, p.topic_id
         );
         io.log(Level::Info, line);
-        io.reply(ctx, Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
+        io.reply(p.ctx, Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
         return;
     }
     let record = refresh::Entry {
-        key: refresh::key(user_id, &f.topic_id),
+        key: refresh::key(&p.user_id, &p.topic_id),
         at_ms: now_ms,
-        expires_at,
-        credential: f.credential.clone(),
+        expires_at: p.expires_at,
+        credential: p.credential.clone(),
     };
     shared::refresh_put(io.store, &record, now_ms);
-    streams.refreshed(&key, &f.credential, expires_at, now_ms);
+    streams.refreshed(&p.key, &p.credential, p.expires_at, now_ms);
     io.tally.inc(Metric::Reauthorizations);
     if io.debug {
-        let line = format!("revenprox: re-authorized user={user_id} topic={} until {expires_at}", f.topic_id);
+        let line = format!(
+            "revenprox: re-authorized user={} topic={} until {}",
+            p.user_id, p.topic_id, p.expires_at
+        );
         io.log(Level::Debug, line);
     }
-    io.out.push(Effect::NoContent { ctx });
+    io.out.push(Effect::NoContent { ctx: p.ctx });
 }
 
 #[cfg(test)]

@@ -211,7 +211,28 @@ pub struct Streams {
     touch_at_ms: u64,
     /// Streams visited by the timer so far.
     visits: u64,
+    /// Accepted refreshes that found no stream of their user and topic yet (`Parked`).
+    parked: Vec<Parked>,
 }
+
+/// A refresh the webhook accepted while no stream of its user and topic was known anywhere in the
+/// Envoy. A stream counts Envoy-wide from its worker's next tick (up to `MIN_TICK_MS` after it
+/// opened, more on a loaded Envoy), so a refresh posted right after the stream opened — a client
+/// whose token was already inside the challenge window at open answers at once — may reach another
+/// worker first. It waits up to `REFRESH_GRACE_MS` for the stream before it is refused.
+#[derive(Debug, Clone)]
+pub(crate) struct Parked {
+    pub ctx: Ctx,
+    pub key: presence::Key,
+    pub user_id: String,
+    pub topic_id: String,
+    pub credential: crate::auth::token::Credential,
+    pub expires_at: u64,
+    pub until_ms: u64,
+}
+
+/// How long an accepted refresh waits for its stream to be known Envoy-wide (`Parked`).
+pub const REFRESH_GRACE_MS: u64 = 500;
 
 /// Moves stream `live`'s entry in `timers` to `at` (`None`: no visit needed).
 fn schedule(timers: &mut BTreeSet<(u64, Ctx)>, live: &mut Live, at: Option<u64>) {
@@ -333,7 +354,18 @@ impl Streams {
             fresh_at_ms: 0,
             touch_at_ms: 0,
             visits: 0,
+            parked: Vec::new(),
         }
+    }
+
+    /// Keeps an accepted refresh until its stream is known or its grace runs out (`Parked`).
+    pub(crate) fn park(&mut self, parked: Parked) {
+        self.parked.push(parked);
+    }
+
+    /// The refreshes waiting for their stream (the caller puts back those that still wait).
+    pub(crate) fn take_parked(&mut self) -> Vec<Parked> {
+        std::mem::take(&mut self.parked)
     }
 
     /// The earliest time the timer has something to do.
@@ -341,7 +373,9 @@ impl Streams {
         let stream = self.timers.first().map(|(at, _)| *at);
         let fresh = (!self.fresh.is_empty()).then_some(self.fresh_at_ms);
         let records = self.has_records().then_some(self.touch_at_ms);
-        [stream, fresh, records].into_iter().flatten().min()
+        // A waiting refresh looks again at every tick (the shortest period) until its grace ends.
+        let parked = self.parked.iter().map(|p| p.until_ms.saturating_sub(REFRESH_GRACE_MS)).min();
+        [stream, fresh, records, parked].into_iter().flatten().min()
     }
 
     /// This worker has presence records to keep (its streams', its reservations'): they are
@@ -989,6 +1023,7 @@ impl Streams {
     /// The stream ended: its presence and its place in its user's limit are given back at once.
     pub(crate) fn close<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, ctx: Ctx) {
         self.identities.remove(&ctx);
+        self.parked.retain(|p| p.ctx != ctx);
         if let Some(key) = self.reserved.remove(&ctx) {
             shared::presence_change(io.store, &key, self.worker, -1, io.now_ms);
         }

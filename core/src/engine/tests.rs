@@ -4,6 +4,7 @@
 
 use super::effect::{Ctx, Effect, Flow, Receipt, WebhookCall};
 use super::metrics::{Metric, Update};
+use super::streams::REFRESH_GRACE_MS;
 use super::{ChunkReader, Engine};
 use crate::auth::reply::Code;
 use crate::auth::topic;
@@ -506,6 +507,7 @@ fn a_refresh_on_one_worker_extends_streams_on_another() {
     // A refresh of another user, or for a topic without a stream, is refused and extends nothing.
     b.request(91, &refresh("/events/news", &jwt("ivan", 120)));
     b.answer(102, 200, &verdict("ivan", 120));
+    b.tick_until(b.now + REFRESH_GRACE_MS + 40);
     assert_eq!(b.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(91, Code::UserMismatch)]);
 }
 
@@ -725,6 +727,9 @@ fn a_refresh_after_the_last_stream_closed_is_refused_at_once() {
     h.done_stream(210);
     h.request(211, &refresh("/events/news", &jwt("quinn", 900)));
     h.answer(h.pending_calls()[0].0, 200, &verdict("quinn", 900));
+    // Refused once the grace for a stream just opened elsewhere has run out, never 204.
+    assert!(!h.take().contains(&Effect::NoContent { ctx: 211 }));
+    h.tick_until(h.now + REFRESH_GRACE_MS + 40);
     assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(211, Code::UserMismatch)]);
 }
 
@@ -1146,6 +1151,7 @@ fn a_misrouted_refresh_costs_no_call_once_user_ids_are_known_to_be_subs() {
     h.request(500, &refresh("/events/news", &jwt("vera", 600)));
     assert_eq!(h.pending_calls().len(), 1);
     h.answer(h.pending_calls()[0].0, 200, &verdict("vera", 600));
+    h.tick_until(h.now + REFRESH_GRACE_MS + 40);
     assert_eq!(h.take().iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(500, Code::UserMismatch)]);
     // Ten verdicts whose user_id is the token's sub.
     learn_subs(&mut h, 10, 510, "u");
@@ -1570,7 +1576,8 @@ fn a_response_that_ends_before_the_next_tick_computes_no_stream_keys() {
 // check must go on meanwhile, and the timer must not visit it on every tick.
 #[test]
 fn a_stream_paused_inside_an_event_is_still_reverified() {
-    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":0,"reverify_interval_sec":2}"#;
+    let extra =
+        r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":0,"reverify_interval_sec":2}"#;
     let mut h = Host::new(cfg(extra), MemStore::new());
     let token = jwt("pia", 3_600);
     h.open(300, &token, "pia", 3_600);
@@ -1589,7 +1596,8 @@ fn a_stream_paused_inside_an_event_is_still_reverified() {
 #[test]
 fn a_refresh_on_another_worker_reaches_a_stream_paused_inside_an_event() {
     let store = MemStore::new();
-    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let extra =
+        r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
     let mut a = Host::new(cfg(extra), store.clone());
     let mut b = Host::new(cfg(extra), store);
     a.open(330, &jwt("rita", 20), "rita", 20);
@@ -1613,7 +1621,8 @@ fn a_refresh_on_another_worker_reaches_a_stream_paused_inside_an_event() {
 fn a_stream_paused_inside_an_event_still_gets_its_server_side_refresh() {
     // README "Scaling and state": a stream whose expiry is near and that no refresh reached asks the
     // webhook once more about its own credential half the challenge window before `expires_at`.
-    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let extra =
+        r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
     let mut h = Host::new(cfg(extra), MemStore::new());
     let token = jwt("sol", 20);
     h.open(360, &token, "sol", 20);
@@ -1629,7 +1638,8 @@ fn a_stream_paused_inside_an_event_still_gets_its_server_side_refresh() {
 
 #[test]
 fn a_stream_paused_inside_an_event_is_not_visited_every_tick() {
-    let extra = r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":0,"reverify_interval_sec":2}"#;
+    let extra =
+        r#","sse":{"heartbeat_interval_sec":1,"challenge_before_expiry_sec":0,"reverify_interval_sec":2}"#;
     let mut h = Host::new(cfg(extra), MemStore::new());
     h.open(370, &jwt("tom", 3_600), "tom", 3_600);
     assert_eq!(h.body(370, b"data: part", false), Flow::Continue);
@@ -1639,4 +1649,36 @@ fn a_stream_paused_inside_an_event_is_not_visited_every_tick() {
     let visits = h.engine.streams().visits() - before;
     // "The timer visits only the streams that are due": nothing is due in these 5 s but presence.
     assert!(visits <= 5, "{visits} visits of one paused stream in 5 s (timer period {} ms)", h.tick_ms);
+}
+
+// Fourth attack run (finding 35): a stream counts Envoy-wide from its worker's next tick; a refresh
+// accepted on another worker before that waits for it instead of being refused.
+#[test]
+fn a_refresh_on_another_worker_right_after_the_stream_opened_is_accepted() {
+    let store = MemStore::new();
+    let mut a = Host::new(cfg(""), store.clone());
+    let mut b = Host::new(cfg(""), store);
+    a.open(600, &jwt("wren", 20), "wren", 20);
+    // No tick on worker A yet: its stream is known only there.
+    b.now = a.now;
+    b.request(610, &refresh("/events/news", &jwt("wren", 600)));
+    b.answer(b.pending_calls()[0].0, 200, &verdict("wren", 600));
+    assert!(b.take().iter().filter_map(reply_code).next().is_none(), "refused before the grace ran out");
+    a.tick_until(a.now + 40);
+    b.tick_until(a.now);
+    assert_eq!(b.take().last(), Some(&Effect::NoContent { ctx: 610 }));
+    // Worker A's stream takes the new expiry from the refresh record.
+    a.tick_until(T0 + 25_000);
+    assert_eq!(a.engine.streams().expires_at(600), Some(T0_SEC + 600));
+}
+
+#[test]
+fn a_waiting_refresh_whose_client_left_is_forgotten() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    h.request(620, &refresh("/events/news", &jwt("xena", 600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("xena", 600));
+    h.done_stream(620);
+    h.take();
+    h.tick_until(h.now + REFRESH_GRACE_MS + 40);
+    assert!(h.take().iter().all(|e| e.ctx() != Some(620)), "an answer for a request that is gone");
 }
