@@ -7,9 +7,15 @@
 35. A stream counts Envoy-wide from its worker's next tick; a refresh accepted on the other worker
     before that was refused 403 (a client whose token was already inside the challenge window at
     open answers the challenge at once). It now waits up to 0.5 s for the stream.
+36-39 (a second look at those fixes): a refresh that waited for its stream was dated when the wait
+    ended, so a stream opened while it waited took it (finding 10 again) and it could undo a later
+    refresh; a late re-verification verdict restarted an expiry's 2 s wait for the end of an event;
+    an expiry after a heartbeat or challenge that had waited inside an event got no wait at all.
 Each test failed before its fix.
 """
+import dataclasses
 import http.client
+import threading
 import time
 import uuid
 
@@ -192,3 +198,107 @@ def test_a_refresh_on_the_other_worker_right_after_the_stream_opened_is_accepted
     env = envoys.get({"sse": {"reverify_interval_sec": 0}}, name="fourth-fresh-refresh")
     results = refresh_after_open(env, webhook, 0.0)
     assert all(r[0] == 204 for r in results), f"(status, ms from the stream's first event, body): {results}"
+
+
+# Findings 36-39.
+SHORT = {"sse": {"heartbeat_interval_sec": 1, "challenge_before_expiry_sec": 1, "reverify_interval_sec": 0}}
+
+
+def test_a_stream_opened_after_a_waiting_refresh_was_posted_does_not_take_it(envoys, webhook):
+    senv = envoys.get(SHORT, name="fourth-parked")
+    outcomes = []
+    for attempt in range(2):
+        user = "alice-" + uuid.uuid4().hex[:8]
+        refreshed, stolen = new_token("f-refresh"), new_token("f-stolen")
+        webhook.program(refreshed, valid(user, ttl=3600))
+        webhook.program(stolen, valid(user, ttl=4))
+        posted = {}
+
+        def post():
+            posted["t"] = time.monotonic()
+            posted["r"] = senv.get("/events/news", {**bearer(refreshed), "content-type": CR},
+                                   method="POST", body=b"")
+            posted["done"] = time.monotonic()
+
+        th = threading.Thread(target=post)
+        th.start()
+        time.sleep(0.1)  # the refresh is posted (and accepted by the webhook) before the stream opens
+        b = Stream(senv.port, "/events/news", {**bearer(stolen), "x-upstream-mode": "silent"}, timeout=10)
+        try:
+            opened = time.monotonic()
+            assert b.status == 200
+            th.join(5)
+            t0 = time.monotonic()
+            expired = b.read_until(lambda t: "event: expired" in t, timeout=8)
+            outcomes.append((posted["r"].status, round(opened - posted["t"], 3),
+                             expired, round(time.monotonic() - t0, 1)))
+        finally:
+            b.close()
+    assert all(o[2] for o in outcomes), (
+        "(refresh status, stream opened s after the refresh was posted, expired within 8 s, s): "
+        f"{outcomes}")
+
+
+def test_a_late_verdict_does_not_restart_the_wait_of_an_expiry_inside_an_event(webhook, scripted):
+    """README: 'a waiting injection goes into the later chunk that ends that event; an expiry waits
+    up to 2 s for it, then the stream is reset'."""
+    cfg = {"sse": {"heartbeat_interval_sec": 60, "reverify_interval_sec": 2, "challenge_before_expiry_sec": 0}}
+    env = helpers.Envoy(helpers.plugin_config(cfg), webhook_port=webhook.port, upstream_port=scripted.port,
+                        name="fourth-late-verdict")
+    env.start()
+    try:
+        name = "late-" + uuid.uuid4().hex[:8]
+        scripted.script(name, [("send", b"data: first\n\n"), ("sleep", 0.2), ("send", b"data: part"),
+                               ("hold", 20.0)])
+        tok = new_token("late")
+        exp = int(time.time()) + 6
+        ok = valid("late-user", expires_at=exp)
+        def deny_late(token, topic):
+            # Answered 2 s after `exp`: inside the expiry's wait for the end of the event.
+            time.sleep(max(0.0, exp + 2.0 - time.time()))
+            return {"valid": False, "user_id": None, "expires_at": None}
+
+        last = dataclasses.replace(invalid(), verdict=deny_late)
+        webhook.program(tok, ok, ok, last)
+        with Stream(env.port, "/events/room", {**bearer(tok), "x-script": name}, timeout=20) as s:
+            assert s.status == 200
+            s.read_until(lambda t: False, timeout=16.0)
+            ended_at = time.time()
+            ended = s.ended
+        calls = [round(c.time - (exp - 6), 2) for c in webhook.calls_for(tok)]
+        late = round(ended_at - exp, 2)
+        # The control (no late verdict) is reset ~3.0 s after `exp` (expiry seen in the second after exp, + 2 s).
+        assert ended and late <= 3.3, (
+            f"token expired at exp, stream inside an event reset {late} s after exp (ended={ended}); "
+            f"webhook calls at {calls} s after open-ish")
+    finally:
+        env.stop()
+
+
+def test_an_expiry_after_a_long_waiting_challenge_still_waits_for_the_end_of_the_event(webhook, scripted):
+    window = 4
+    """README: 'a waiting injection goes into the later chunk that ends that event; an expiry waits
+    up to 2 s for it, then the stream is reset'. The challenge waited (inside the event) since the
+    start of the challenge window."""
+    cfg = {"sse": {"heartbeat_interval_sec": 60, "reverify_interval_sec": 0, "challenge_before_expiry_sec": window}}
+    env = helpers.Envoy(helpers.plugin_config(cfg), webhook_port=webhook.port, upstream_port=scripted.port,
+                        name="fourth-long-challenge")
+    env.start()
+    try:
+        name = "longch-" + uuid.uuid4().hex[:8]
+        tok = new_token("longch")
+        exp = int(time.time()) + 8
+        webhook.program(tok, valid("longch-user", expires_at=exp))
+        pause = exp + 1.5 - time.time()  # the event ends ~0.5 s after the expiry is seen (control: ~exp+1)
+        scripted.script(name, [("send", b"data: first\n\n"), ("send", b"data: part"), ("sleep", pause),
+                               ("send", b" end\n\n"), ("hold", 10.0)])
+        with Stream(env.port, "/events/room", {**bearer(tok), "x-script": name}, timeout=20) as s:
+            assert s.status == 200
+            s.read_until(lambda t: "event: expired" in t, timeout=pause + 4)
+            ended_at = time.time()
+            text = s.text
+        assert "event: expired" in text, (
+            f"reset {round(ended_at - exp, 2)} s after exp without `event: expired` although the event "
+            f"ended at exp+1.5 s; the client got {text!r}")
+    finally:
+        env.stop()

@@ -583,6 +583,7 @@ fn refresh_streams<S: SharedStore + ?Sized>(
         topic_id: f.topic_id.clone(),
         credential: f.credential.clone(),
         expires_at,
+        accepted_ms: io.now_ms,
         until_ms: io.now_ms.saturating_add(streams::REFRESH_GRACE_MS),
     };
     refresh_or_wait(io, streams, parked);
@@ -610,14 +611,16 @@ fn refresh_or_wait<S: SharedStore + ?Sized>(io: &mut Io<S>, streams: &mut Stream
         io.reply(p.ctx, Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
         return;
     }
+    // The refresh is as old as its acceptance: a stream opened while it waited never takes it
+    // (`adopt_refresh` compares this with the stream's opening), and a later refresh stays newer.
     let record = refresh::Entry {
         key: refresh::key(&p.user_id, &p.topic_id),
-        at_ms: now_ms,
+        at_ms: p.accepted_ms,
         expires_at: p.expires_at,
         credential: p.credential.clone(),
     };
     shared::refresh_put(io.store, &record, now_ms);
-    streams.refreshed(&p.key, &p.credential, p.expires_at, now_ms);
+    streams.refreshed(&p.key, &p.credential, p.expires_at, p.accepted_ms, now_ms);
     io.tally.inc(Metric::Reauthorizations);
     if io.debug {
         let line = format!(

@@ -228,6 +228,8 @@ pub(crate) struct Parked {
     pub topic_id: String,
     pub credential: crate::auth::token::Credential,
     pub expires_at: u64,
+    /// When the webhook accepted it: the refresh is as old as that, however long it waits.
+    pub accepted_ms: u64,
     pub until_ms: u64,
 }
 
@@ -808,7 +810,9 @@ impl Streams {
                     Some(Injection::Expired(r)) => Injection::Expired(r),
                     _ => due,
                 };
-                if live.pending.is_none() {
+                // The expiry's wait for the end of an event starts when the expiry is due, also
+                // when a heartbeat or challenge was already waiting.
+                if live.pending.is_none() || (!ending(live.pending) && ending(Some(injection))) {
                     live.pending_since_ms = now_ms;
                 }
                 live.pending = Some(injection);
@@ -929,7 +933,9 @@ impl Streams {
                     auth.verify_at_ms = Some(now_ms);
                     Reverified::GoesOn
                 } else {
-                    if !live.session.finished() {
+                    // An expiry already waiting keeps its reason and its wait (a late verdict does
+                    // not restart it).
+                    if !live.session.finished() && !ending(live.pending) {
                         io.tally.inc(Metric::StreamsRevoked);
                         let line = format!(
                             "revenprox: stream revoked user={} topic={} (re-verification refused)",
@@ -965,6 +971,7 @@ impl Streams {
         key: &presence::Key,
         credential: &Credential,
         expires_at: u64,
+        posted_ms: u64,
         now_ms: u64,
     ) {
         let mut ctxs = self.by_key.get(key).map(|k| k.ctxs.clone()).unwrap_or_default();
@@ -974,9 +981,11 @@ impl Streams {
                 continue;
             };
             if let Some(auth) = live.auth.as_mut() {
-                if live.session.extend(expires_at) {
+                // A stream never takes a refresh posted before it opened (finding 10): one that
+                // waited for its stream (`Parked`) may find streams opened meanwhile.
+                if auth.opened_ms <= posted_ms && live.session.extend(expires_at) {
                     auth.credential = credential.clone();
-                    auth.refreshed_at_ms = now_ms;
+                    auth.refreshed_at_ms = posted_ms;
                 }
             }
             schedule_by(&mut self.timers, live, now_ms);

@@ -1659,8 +1659,8 @@ fn a_refresh_on_another_worker_right_after_the_stream_opened_is_accepted() {
     let mut a = Host::new(cfg(""), store.clone());
     let mut b = Host::new(cfg(""), store);
     a.open(600, &jwt("wren", 20), "wren", 20);
-    // No tick on worker A yet: its stream is known only there.
-    b.now = a.now;
+    // No tick on worker A yet: its stream is known only there. The refresh comes 3 ms later.
+    b.now = a.now + 3;
     b.request(610, &refresh("/events/news", &jwt("wren", 600)));
     b.answer(b.pending_calls()[0].0, 200, &verdict("wren", 600));
     assert!(b.take().iter().filter_map(reply_code).next().is_none(), "refused before the grace ran out");
@@ -1681,4 +1681,204 @@ fn a_waiting_refresh_whose_client_left_is_forgotten() {
     h.take();
     h.tick_until(h.now + REFRESH_GRACE_MS + 40);
     assert!(h.take().iter().all(|e| e.ctx() != Some(620)), "an answer for a request that is gone");
+}
+
+// Second look at findings 34 and 35 (findings 36-39): a waiting refresh is as old as its
+// acceptance (never taken by a stream opened while it waited, never newer than a later refresh);
+// an expiry's 2 s wait for the end of an event is neither restarted by a late verdict nor used up
+// by a heartbeat or challenge that waited before it.
+#[test]
+fn a_waiting_refresh_never_extends_a_stream_opened_after_it_was_posted_same_worker() {
+    // Alice posts a 1-hour refresh while she has no stream; 100 ms later an attacker opens a stream
+    // with a stolen 12-second alice token. "never a refresh posted before it opened" (finding 10).
+    let extra = r#","sse":{"challenge_before_expiry_sec":0,"reverify_interval_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.request(700, &refresh("/events/news", &jwt("alice", 3_600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("alice", 3_600));
+    assert!(h
+        .take()
+        .iter()
+        .all(|e| !matches!(e, Effect::NoContent { ctx: 700 } | Effect::Reply { ctx: 700, .. })));
+    h.advance(100);
+    h.open(701, &jwt("alice", 12), "alice", 12);
+    h.tick_until(h.now + 60);
+    let effects = h.take();
+    let answered_204 = effects.contains(&Effect::NoContent { ctx: 700 });
+    assert_eq!(
+        h.engine.streams().expires_at(701),
+        Some(T0_SEC + 12),
+        "stream opened 100 ms after the refresh was posted took its expiry (204 to refresh: {answered_204})"
+    );
+}
+
+#[test]
+fn a_waiting_refresh_never_extends_a_stream_opened_after_it_was_posted_other_worker() {
+    let store = MemStore::new();
+    let extra = r#","sse":{"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    // Refresh posted and accepted on worker B with no alice stream anywhere.
+    b.request(710, &refresh("/events/news", &jwt("alice", 3_600)));
+    b.answer(b.pending_calls()[0].0, 200, &verdict("alice", 3_600));
+    assert!(b
+        .take()
+        .iter()
+        .all(|e| !matches!(e, Effect::NoContent { ctx: 710 } | Effect::Reply { ctx: 710, .. })));
+    // 100 ms later the attacker's stream opens on worker A with a stolen 12 s token.
+    b.tick_until(T0 + 100);
+    a.now = b.now;
+    a.open(711, &jwt("alice", 12), "alice", 12);
+    // Both workers' timers run side by side.
+    for step in 1..=4u64 {
+        a.tick_until(T0 + 100 + step * 20);
+        b.tick_until(T0 + 100 + step * 20);
+    }
+    let bt = b.take();
+    let answered_204 = bt.contains(&Effect::NoContent { ctx: 710 });
+    a.tick_until(T0 + 11_000);
+    a.tick_until(T0 + 12_100);
+    let effects = a.take();
+    assert!(
+        injected(&effects, b"event: expired\ndata: {\"reason\":\"token_expired\"}"),
+        "the stream opened after the refresh was posted outlived its 12 s token (204: {answered_204}, expires_at {:?})",
+        a.engine.streams().expires_at(711).map(|e| e as i64 - T0_SEC as i64)
+    );
+}
+
+#[test]
+fn a_waiting_refresh_does_not_undo_a_later_accepted_refresh_on_another_worker() {
+    // Two refreshes of bob: the first (until +100 s) waits for a stream; the second (until +3600 s)
+    // is posted once the stream is known and gets 204. The stream must take the later one.
+    let store = MemStore::new();
+    let extra = r#","sse":{"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    b.request(720, &refresh("/events/news", &jwt("bob", 100)));
+    b.answer(b.pending_calls()[0].0, 200, &verdict("bob", 100));
+    b.tick_until(T0 + 40);
+    a.now = b.now;
+    a.open(721, &jwt("bob", 20), "bob", 20);
+    a.tick_until(T0 + 60);
+    // The stream is known Envoy-wide now; the second refresh arrives before B's next tick.
+    b.now = T0 + 61;
+    b.request(722, &refresh("/events/news", &jwt("bob", 3_600)));
+    let call = b.pending_calls().iter().find(|(_, c)| *c == 722).copied().unwrap_or((0, 0)).0;
+    b.answer(call, 200, &verdict("bob", 3_600));
+    let effects = b.take();
+    assert!(effects.contains(&Effect::NoContent { ctx: 722 }), "{effects:?}");
+    b.tick_until(T0 + 100);
+    assert!(b.take().contains(&Effect::NoContent { ctx: 720 }));
+    a.tick_until(T0 + 30_000);
+    assert_eq!(
+        a.engine.streams().expires_at(721),
+        Some(T0_SEC + 3_600),
+        "the refresh answered 204 last (until +3600 s) was replaced by the older waiting one"
+    );
+}
+
+#[test]
+fn a_verdict_arriving_while_the_expiry_waits_for_the_end_of_an_event_does_not_restart_the_wait() {
+    // README: "an expiry waits up to 2 s for it [the end of the upstream event], then the stream is reset".
+    let extra = r#","sse":{"challenge_before_expiry_sec":0,"reverify_interval_sec":1}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    let token = jwt("uma", 10);
+    h.open(730, &token, "uma", 10);
+    // The upstream starts an event and never ends it.
+    assert_eq!(h.body(730, b"data: part", false), Flow::Continue);
+    // Re-verifications every second, answered at once until 8 s; the one asked after that is slow.
+    while h.now < T0 + 8_000 {
+        h.tick_until(h.now + 20);
+        for (t, _) in h.pending_calls() {
+            h.answer(t, 200, &verdict("uma", 10));
+        }
+    }
+    while h.pending_calls().is_empty() && h.now < T0 + 9_900 {
+        h.tick_until(h.now + 20);
+    }
+    let (call, _) = *h.pending_calls().last().expect("a re-verification in flight before the expiry");
+    let asked_at = h.now - T0;
+    h.tick_until(T0 + 10_900);
+    let early = h.take();
+    assert!(
+        !early.iter().any(|e| matches!(e, Effect::Close { ctx: 730 })),
+        "{early:?} {:?}",
+        h.pending_calls()
+    );
+    // Expired at 10 s, waiting for the end of the event; the webhook (within its 5 s timeout) now
+    // refuses the credential.
+    h.answer(call, 200, DENY);
+    let mut closed_at = None;
+    while h.now < T0 + 16_000 && closed_at.is_none() {
+        h.tick_until(h.now + 20);
+        if h.take().iter().any(|e| matches!(e, Effect::Close { ctx: 730 })) {
+            closed_at = Some(h.now - T0);
+        }
+    }
+    assert!(
+        closed_at.is_some_and(|t| t <= 12_100),
+        "expired at 10 s mid-event, closed at {closed_at:?} ms (README: the expiry waits up to 2 s; re-verification asked at {asked_at} ms, refused at 10.9 s)"
+    );
+}
+
+#[test]
+fn an_expiry_after_a_long_waiting_challenge_still_waits_for_the_end_of_the_event() {
+    // README: "a waiting injection goes into the later chunk that ends that event; an expiry waits
+    // up to 2 s for it, then the stream is reset". Here the challenge has waited since 2 s.
+    let extra = r#","sse":{"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.open(740, &jwt("vic", 10), "vic", 10);
+    assert_eq!(h.body(740, b"data: part", false), Flow::Continue);
+    // The server-side refresh (asked 4 s before the expiry) comes back with the same expiry.
+    while h.now < T0 + 9_000 {
+        h.tick_until(h.now + 20);
+        for (t, _) in h.pending_calls() {
+            h.answer(t, 200, &verdict("vic", 10));
+        }
+    }
+    h.take();
+    h.tick_until(T0 + 10_100);
+    let at_expiry = h.take();
+    // The upstream ends its event 100 ms after the expiry.
+    h.body(740, b" end\n\n", false);
+    let after = h.take();
+    let closed_without_event = at_expiry.iter().any(|e| matches!(e, Effect::Close { ctx: 740 }));
+    assert!(
+        !closed_without_event && after.iter().any(|e| matches!(e, Effect::ReplaceChunk { ctx: 740, .. })),
+        "reset at the expiry without waiting for the end of the event: {at_expiry:?}"
+    );
+}
+
+#[test]
+fn a_waiting_refresh_is_answered_once_only_for_its_own_user_and_topic_and_the_timer_rests() {
+    let mut h = Host::new(cfg(""), MemStore::new());
+    h.request(750, &refresh("/events/news", &jwt("wes", 600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("wes", 600));
+    h.request(751, &refresh("/events/news", &jwt("wes2", 600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("wes2", 600));
+    h.take();
+    // Another user's stream on the topic, and wes's stream on another topic.
+    h.open(752, &jwt("zed", 600), "zed", 600);
+    assert_eq!(h.request(753, &get("/events/sports", &jwt("wes", 600))), Flow::Pause);
+    h.answer(h.pending_calls()[0].0, 200, &verdict("wes", 600));
+    h.response(753);
+    h.body(753, b"data: x\n\n", false);
+    h.released();
+    // wes2's client leaves while waiting.
+    h.done_stream(751);
+    h.take();
+    h.tick_until(h.now + REFRESH_GRACE_MS + 100);
+    let effects = h.take();
+    let answers: Vec<_> = effects
+        .iter()
+        .filter(|e| matches!(e, Effect::NoContent { .. } | Effect::Reply { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(answers.iter().filter_map(reply_code).collect::<Vec<_>>(), vec![(750, Code::UserMismatch)]);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    h.tick_until(h.now + 2_000);
+    assert!(h.take().iter().all(|e| !matches!(e, Effect::NoContent { .. } | Effect::Reply { .. })));
+    h.done_stream(752);
+    h.done_stream(753);
+    h.tick_until(h.now + 40_000);
+    assert!(h.tick_ms >= 1_000 || h.tick_ms == 0, "timer period {} ms", h.tick_ms);
 }
