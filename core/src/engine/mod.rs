@@ -351,6 +351,9 @@ fn request<S: SharedStore + ?Sized>(
                 );
                 return Flow::Pause;
             }
+            if purpose == Purpose::Refresh {
+                streams.refresh_posted(ctx, io.now_ms);
+            }
             let mut client_key = || downstream().as_deref().and_then(crate::resilience::clients::key);
             let started = verifier.begin(io, ctx, ctx, v, purpose, &mut client_key);
             // A request refused at once is never forwarded: only one that may be loses what it
@@ -576,6 +579,8 @@ fn refresh_streams<S: SharedStore + ?Sized>(
     user_id: &str,
     expires_at: u64,
 ) {
+    // A refresh is as old as its request (a verdict without one, in tests, is dated now).
+    let (posted_ms, posted_seq) = streams.take_posted(ctx).unwrap_or((io.now_ms, u64::MAX));
     let parked = streams::Parked {
         ctx,
         key: presence::stream_key(user_id, &f.topic_id),
@@ -583,7 +588,8 @@ fn refresh_streams<S: SharedStore + ?Sized>(
         topic_id: f.topic_id.clone(),
         credential: f.credential.clone(),
         expires_at,
-        accepted_ms: io.now_ms,
+        posted_ms,
+        posted_seq,
         until_ms: io.now_ms.saturating_add(streams::REFRESH_GRACE_MS),
     };
     refresh_or_wait(io, streams, parked);
@@ -611,16 +617,17 @@ fn refresh_or_wait<S: SharedStore + ?Sized>(io: &mut Io<S>, streams: &mut Stream
         io.reply(p.ctx, Reply::new(Code::UserMismatch, "the token's user has no open stream on this topic"));
         return;
     }
-    // The refresh is as old as its acceptance: a stream opened while it waited never takes it
-    // (`adopt_refresh` compares this with the stream's opening), and a later refresh stays newer.
+    // The refresh is as old as its request: a stream opened while the webhook answered or while it
+    // waited never takes it (`adopt_refresh` compares this with the stream's opening), and a later
+    // refresh stays newer.
     let record = refresh::Entry {
         key: refresh::key(&p.user_id, &p.topic_id),
-        at_ms: p.accepted_ms,
+        at_ms: p.posted_ms,
         expires_at: p.expires_at,
         credential: p.credential.clone(),
     };
     shared::refresh_put(io.store, &record, now_ms);
-    streams.refreshed(&p.key, &p.credential, p.expires_at, p.accepted_ms, now_ms);
+    streams.refreshed(&p.key, &p.credential, p.expires_at, p.posted_ms, p.posted_seq, now_ms);
     io.tally.inc(Metric::Reauthorizations);
     if io.debug {
         let line = format!(

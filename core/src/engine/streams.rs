@@ -73,6 +73,9 @@ struct Auth {
     /// refresh it took.
     credential: Credential,
     opened_ms: u64,
+    /// Its place in this worker's order of events (`Streams::seq`): on its own worker a refresh is
+    /// taken only if its request came after the stream opened, whatever the clock says.
+    opened_seq: u64,
     /// When the refresh the stream last took was posted (0: none).
     refreshed_at_ms: u64,
     /// Counted in the Envoy-wide presence table.
@@ -213,6 +216,11 @@ pub struct Streams {
     visits: u64,
     /// Accepted refreshes that found no stream of their user and topic yet (`Parked`).
     parked: Vec<Parked>,
+    /// When each refresh request being verified arrived (a refresh is as old as its request), and
+    /// its place in this worker's order of events.
+    posted: HashMap<Ctx, (u64, u64)>,
+    /// This worker's order of events: stream openings and refresh requests.
+    seq: u64,
 }
 
 /// A refresh the webhook accepted while no stream of its user and topic was known anywhere in the
@@ -228,8 +236,11 @@ pub(crate) struct Parked {
     pub topic_id: String,
     pub credential: crate::auth::token::Credential,
     pub expires_at: u64,
-    /// When the webhook accepted it: the refresh is as old as that, however long it waits.
-    pub accepted_ms: u64,
+    /// When the refresh request arrived: it is as old as that, however long the webhook took and
+    /// however long it waits for its stream.
+    pub posted_ms: u64,
+    /// Its place in this worker's order of events (`Streams::refresh_posted`).
+    pub posted_seq: u64,
     pub until_ms: u64,
 }
 
@@ -331,6 +342,8 @@ fn adopt_refresh<S: SharedStore + ?Sized>(io: &mut Io<S>, auth: &mut Auth, sessi
     let Some(record) = shared::refresh_get(io.store, &key, io.now_ms) else {
         return false;
     };
+    // Posted after the stream opened (a refresh of the same millisecond cannot be ordered across
+    // workers, and is not taken: finding 10), and after the last refresh it took.
     let newer = record.at_ms > auth.opened_ms && record.at_ms > auth.refreshed_at_ms;
     if !newer || !session.extend(record.expires_at) {
         return false;
@@ -357,7 +370,20 @@ impl Streams {
             touch_at_ms: 0,
             visits: 0,
             parked: Vec::new(),
+            posted: HashMap::new(),
+            seq: 0,
         }
+    }
+
+    /// Refresh request `ctx` arrived now: its verdict will be dated from here.
+    pub(crate) fn refresh_posted(&mut self, ctx: Ctx, now_ms: u64) {
+        self.seq = self.seq.saturating_add(1);
+        self.posted.insert(ctx, (now_ms, self.seq));
+    }
+
+    /// When refresh request `ctx` arrived, and its place in this worker's order (forgotten here).
+    pub(crate) fn take_posted(&mut self, ctx: Ctx) -> Option<(u64, u64)> {
+        self.posted.remove(&ctx)
     }
 
     /// Keeps an accepted refresh until its stream is known or its grace runs out (`Parked`).
@@ -478,6 +504,7 @@ impl Streams {
         let remaining = declared.and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
         let now_ms = io.now_ms;
         let session = Session::new(&io.cfg.sse, now_ms, identity.as_ref().map(|i| i.expires_at));
+        self.seq = self.seq.saturating_add(1);
         let auth = identity.map(|i| {
             let spread = u64::from(ctx).wrapping_mul(0x9e37_79b9);
             Auth {
@@ -487,6 +514,7 @@ impl Streams {
                 topic_id: i.topic_id,
                 credential: i.credential,
                 opened_ms: now_ms,
+                opened_seq: self.seq,
                 refreshed_at_ms: 0,
                 registered: false,
                 // The first visit registers it.
@@ -972,6 +1000,7 @@ impl Streams {
         credential: &Credential,
         expires_at: u64,
         posted_ms: u64,
+        posted_seq: u64,
         now_ms: u64,
     ) {
         let mut ctxs = self.by_key.get(key).map(|k| k.ctxs.clone()).unwrap_or_default();
@@ -983,7 +1012,7 @@ impl Streams {
             if let Some(auth) = live.auth.as_mut() {
                 // A stream never takes a refresh posted before it opened (finding 10): one that
                 // waited for its stream (`Parked`) may find streams opened meanwhile.
-                if auth.opened_ms <= posted_ms && live.session.extend(expires_at) {
+                if auth.opened_seq < posted_seq && live.session.extend(expires_at) {
                     auth.credential = credential.clone();
                     auth.refreshed_at_ms = posted_ms;
                 }
@@ -1033,6 +1062,7 @@ impl Streams {
     pub(crate) fn close<S: SharedStore + ?Sized>(&mut self, io: &mut Io<S>, ctx: Ctx) {
         self.identities.remove(&ctx);
         self.parked.retain(|p| p.ctx != ctx);
+        self.posted.remove(&ctx);
         if let Some(key) = self.reserved.remove(&ctx) {
             shared::presence_change(io.store, &key, self.worker, -1, io.now_ms);
         }

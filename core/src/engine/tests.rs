@@ -1882,3 +1882,73 @@ fn a_waiting_refresh_is_answered_once_only_for_its_own_user_and_topic_and_the_ti
     h.tick_until(h.now + 40_000);
     assert!(h.tick_ms >= 1_000 || h.tick_ms == 0, "timer period {} ms", h.tick_ms);
 }
+
+// Third look (findings 40-41): a refresh is as old as its request — one posted before a stream
+// opened is never taken by it, however long the webhook took to answer or the refresh waited, and
+// on one worker the order of events decides, not the millisecond.
+#[test]
+fn a_refresh_posted_before_the_stream_opened_but_answered_after_is_not_taken_same_worker() {
+    // Alice posts a 1-hour refresh; the webhook answers 300 ms later. Meanwhile (100 ms after the
+    // post) an attacker opens a stream with a stolen 12 s alice token. The refresh was posted
+    // before the stream opened: the stream must end at 12 s.
+    let extra = r#","sse":{"challenge_before_expiry_sec":0,"reverify_interval_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.request(800, &refresh("/events/news", &jwt("alice", 3_600)));
+    let (refresh_call, _) = h.pending_calls()[0];
+    h.advance(100);
+    h.open(801, &jwt("alice", 12), "alice", 12);
+    h.advance(200);
+    h.answer(refresh_call, 200, &verdict("alice", 3_600));
+    let effects = h.take();
+    h.tick_until(h.now + 60);
+    assert_eq!(
+        h.engine.streams().expires_at(801),
+        Some(T0_SEC + 12),
+        "stream opened 100 ms after the refresh was posted took its expiry (204: {})",
+        effects.contains(&Effect::NoContent { ctx: 800 })
+    );
+}
+
+#[test]
+fn a_refresh_posted_before_the_stream_opened_but_answered_after_is_not_taken_other_worker() {
+    let store = MemStore::new();
+    let extra = r#","sse":{"challenge_before_expiry_sec":8,"reverify_interval_sec":0}"#;
+    let mut a = Host::new(cfg(extra), store.clone());
+    let mut b = Host::new(cfg(extra), store);
+    b.request(810, &refresh("/events/news", &jwt("alice", 3_600)));
+    let (refresh_call, _) = b.pending_calls()[0];
+    a.now = T0 + 100;
+    a.open(811, &jwt("alice", 12), "alice", 12);
+    a.tick_until(T0 + 200);
+    b.now = T0 + 300;
+    b.answer(refresh_call, 200, &verdict("alice", 3_600));
+    let answered_204 = b.take().contains(&Effect::NoContent { ctx: 810 });
+    a.tick_until(T0 + 12_100);
+    let effects = a.take();
+    assert!(
+        injected(&effects, b"event: expired\ndata: {\"reason\":\"token_expired\"}"),
+        "the stream opened after the refresh was posted outlived its 12 s token (204: {answered_204}, expires_at {:?})",
+        a.engine.streams().expires_at(811).map(|e| e as i64 - T0_SEC as i64)
+    );
+}
+
+#[test]
+fn a_waiting_refresh_accepted_in_the_same_ms_before_a_stream_opened_is_not_taken_same_worker() {
+    // The refresh is accepted (and parks: no stream yet) at T0; the attacker's stream opens
+    // afterwards, in the same millisecond.
+    let extra = r#","sse":{"challenge_before_expiry_sec":0,"reverify_interval_sec":0}"#;
+    let mut h = Host::new(cfg(extra), MemStore::new());
+    h.request(820, &refresh("/events/news", &jwt("alice", 3_600)));
+    h.answer(h.pending_calls()[0].0, 200, &verdict("alice", 3_600));
+    assert!(h
+        .take()
+        .iter()
+        .all(|e| !matches!(e, Effect::NoContent { ctx: 820 } | Effect::Reply { ctx: 820, .. })));
+    h.open(821, &jwt("alice", 12), "alice", 12);
+    h.tick_until(h.now + 60);
+    assert_eq!(
+        h.engine.streams().expires_at(821),
+        Some(T0_SEC + 12),
+        "parked refresh taken by a stream opened after it"
+    );
+}
