@@ -290,11 +290,13 @@ def test_more_than_1024_streams_through_the_template(envoys, webhook, upstream):
         stats = venv.stats()
         assert ok == n, (f"{ok} of {n} streams answered; pending "
                          f"{stats.get('envoy_cluster_upstream_rq_pending_active', envoy_cluster_name='sse_upstream')}")
-        assert wait_until(lambda: venv.stats().get("revenprox_open_streams") >= n, timeout=10)
+        assert wait_until(lambda: venv.stats().get("revenprox_open_streams") >= n, timeout=10), (
+            f"revenprox_open_streams {venv.stats().get('revenprox_open_streams')} of {n}")
     finally:
         for s in socks:
             s.close()
-    assert wait_until(lambda: venv.stats().get("revenprox_open_streams") == 0, timeout=20)
+    assert wait_until(lambda: venv.stats().get("revenprox_open_streams") == 0, timeout=20), (
+        f"revenprox_open_streams still {venv.stats().get('revenprox_open_streams')} 20 s after every client left")
 
 
 # ----------------------------------------------------------------------------------------------
