@@ -40,21 +40,10 @@ def scripted():
 
 @pytest.fixture(scope="module")
 def pool(webhook, scripted):
-    started = {}
-
-    def get(overrides, name):
-        key = repr(sorted(overrides.items())) + name
-        env = started.get(key)
-        if env is None or not env.alive:
-            env = helpers.Envoy(helpers.plugin_config(overrides), webhook_port=webhook.port,
-                                upstream_port=scripted.port, name=name)
-            env.start()
-            started[key] = env
-        return env
-
-    yield get
-    for env in started.values():
-        env.stop()
+    """Envoys in front of the scripted upstream (`get(overrides, name)`), stopped with the module."""
+    envoys = helpers.EnvoyPool(webhook, scripted, "test_trust_fourth_run")
+    yield lambda overrides, name: envoys.get(overrides, name=name)
+    envoys.stop_all()
 
 
 def read_stream(resp, conn, until, timeout):
@@ -239,66 +228,57 @@ def test_a_stream_opened_after_a_waiting_refresh_was_posted_does_not_take_it(env
         f"{outcomes}")
 
 
-def test_a_late_verdict_does_not_restart_the_wait_of_an_expiry_inside_an_event(webhook, scripted):
+def test_a_late_verdict_does_not_restart_the_wait_of_an_expiry_inside_an_event(pool, webhook, scripted):
     """README: 'a waiting injection goes into the later chunk that ends that event; an expiry waits
     up to 2 s for it, then the stream is reset'."""
     cfg = {"sse": {"heartbeat_interval_sec": 60, "reverify_interval_sec": 2, "challenge_before_expiry_sec": 0}}
-    env = helpers.Envoy(helpers.plugin_config(cfg), webhook_port=webhook.port, upstream_port=scripted.port,
-                        name="fourth-late-verdict")
-    env.start()
-    try:
-        name = "late-" + uuid.uuid4().hex[:8]
-        scripted.script(name, [("send", b"data: first\n\n"), ("sleep", 0.2), ("send", b"data: part"),
-                               ("hold", 20.0)])
-        tok = new_token("late")
-        exp = int(time.time()) + 6
-        ok = valid("late-user", expires_at=exp)
-        def deny_late(token, topic):
-            # Answered 2 s after `exp`: inside the expiry's wait for the end of the event.
-            time.sleep(max(0.0, exp + 2.0 - time.time()))
-            return {"valid": False, "user_id": None, "expires_at": None}
+    env = pool(cfg, "fourth-late-verdict")
+    name = "late-" + uuid.uuid4().hex[:8]
+    scripted.script(name, [("send", b"data: first\n\n"), ("sleep", 0.2), ("send", b"data: part"),
+                           ("hold", 20.0)])
+    tok = new_token("late")
+    exp = int(time.time()) + 6
+    ok = valid("late-user", expires_at=exp)
 
-        last = dataclasses.replace(invalid(), verdict=deny_late)
-        webhook.program(tok, ok, ok, last)
-        with Stream(env.port, "/events/room", {**bearer(tok), "x-script": name}, timeout=20) as s:
-            assert s.status == 200
-            s.read_until(lambda t: False, timeout=16.0)
-            ended_at = time.time()
-            ended = s.ended
-        calls = [round(c.time - (exp - 6), 2) for c in webhook.calls_for(tok)]
-        late = round(ended_at - exp, 2)
-        # The control (no late verdict) is reset ~3.0 s after `exp` (expiry seen in the second after exp, + 2 s).
-        assert ended and late <= 3.3, (
-            f"token expired at exp, stream inside an event reset {late} s after exp (ended={ended}); "
-            f"webhook calls at {calls} s after open-ish")
-    finally:
-        env.stop()
+    def deny_late(token, topic):
+        # Answered 2 s after `exp`: inside the expiry's wait for the end of the event.
+        time.sleep(max(0.0, exp + 2.0 - time.time()))
+        return {"valid": False, "user_id": None, "expires_at": None}
+
+    last = dataclasses.replace(invalid(), verdict=deny_late)
+    webhook.program(tok, ok, ok, last)
+    with Stream(env.port, "/events/room", {**bearer(tok), "x-script": name}, timeout=20) as s:
+        assert s.status == 200
+        s.read_until(lambda t: False, timeout=16.0)
+        ended_at = time.time()
+        ended = s.ended
+    calls = [round(c.time - (exp - 6), 2) for c in webhook.calls_for(tok)]
+    late = round(ended_at - exp, 2)
+    # The control (no late verdict) is reset ~3.0 s after `exp` (expiry seen in the second after exp, + 2 s).
+    assert ended and late <= 3.3, (
+        f"token expired at exp, stream inside an event reset {late} s after exp (ended={ended}); "
+        f"webhook calls at {calls} s after open-ish")
 
 
-def test_an_expiry_after_a_long_waiting_challenge_still_waits_for_the_end_of_the_event(webhook, scripted):
-    window = 4
+def test_an_expiry_after_a_long_waiting_challenge_still_waits_for_the_end_of_the_event(pool, webhook, scripted):
     """README: 'a waiting injection goes into the later chunk that ends that event; an expiry waits
     up to 2 s for it, then the stream is reset'. The challenge waited (inside the event) since the
     start of the challenge window."""
+    window = 4
     cfg = {"sse": {"heartbeat_interval_sec": 60, "reverify_interval_sec": 0, "challenge_before_expiry_sec": window}}
-    env = helpers.Envoy(helpers.plugin_config(cfg), webhook_port=webhook.port, upstream_port=scripted.port,
-                        name="fourth-long-challenge")
-    env.start()
-    try:
-        name = "longch-" + uuid.uuid4().hex[:8]
-        tok = new_token("longch")
-        exp = int(time.time()) + 8
-        webhook.program(tok, valid("longch-user", expires_at=exp))
-        pause = exp + 1.5 - time.time()  # the event ends ~0.5 s after the expiry is seen (control: ~exp+1)
-        scripted.script(name, [("send", b"data: first\n\n"), ("send", b"data: part"), ("sleep", pause),
-                               ("send", b" end\n\n"), ("hold", 10.0)])
-        with Stream(env.port, "/events/room", {**bearer(tok), "x-script": name}, timeout=20) as s:
-            assert s.status == 200
-            s.read_until(lambda t: "event: expired" in t, timeout=pause + 4)
-            ended_at = time.time()
-            text = s.text
-        assert "event: expired" in text, (
-            f"reset {round(ended_at - exp, 2)} s after exp without `event: expired` although the event "
-            f"ended at exp+1.5 s; the client got {text!r}")
-    finally:
-        env.stop()
+    env = pool(cfg, "fourth-long-challenge")
+    name = "longch-" + uuid.uuid4().hex[:8]
+    tok = new_token("longch")
+    exp = int(time.time()) + 8
+    webhook.program(tok, valid("longch-user", expires_at=exp))
+    pause = exp + 1.5 - time.time()  # the event ends ~0.5 s after the expiry is seen (control: ~exp+1)
+    scripted.script(name, [("send", b"data: first\n\n"), ("send", b"data: part"), ("sleep", pause),
+                           ("send", b" end\n\n"), ("hold", 10.0)])
+    with Stream(env.port, "/events/room", {**bearer(tok), "x-script": name}, timeout=20) as s:
+        assert s.status == 200
+        s.read_until(lambda t: "event: expired" in t, timeout=pause + 4)
+        ended_at = time.time()
+        text = s.text
+    assert "event: expired" in text, (
+        f"reset {round(ended_at - exp, 2)} s after exp without `event: expired` although the event "
+        f"ended at exp+1.5 s; the client got {text!r}")
