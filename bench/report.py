@@ -560,12 +560,17 @@ def render(res):
     return "\n".join(md), text_table, svg_chart(res, s)
 
 
-if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "docs/bench/results.json")
-    res = json.loads(path.read_text())
+def rerender(path=REPO / "docs/bench/results.json"):
+    """Writes docs/benchmarks.md and docs/bench/ratios.svg again from the raw results of a run (and
+    the saved callgrind counts); returns the text table."""
+    res = json.loads(Path(path).read_text())
     res["summary"] = summarize(res)
     md, tbl, svg = render(res)
     (REPO / "docs/bench").mkdir(parents=True, exist_ok=True)
     (REPO / "docs/benchmarks.md").write_text(md)
     (REPO / "docs/bench/ratios.svg").write_text(svg)
-    print(tbl)
+    return tbl
+
+
+if __name__ == "__main__":
+    print(rerender(sys.argv[1] if len(sys.argv) > 1 else REPO / "docs/bench/results.json"))

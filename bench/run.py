@@ -1038,11 +1038,7 @@ def main():
     if not args.no_docs and phases == {"callgrind"} and saved.exists():
         # A callgrind-only run refreshes docs/bench/callgrind.json (written above) and re-renders the
         # last full run with it, instead of replacing that run's figures with a callgrind-only page.
-        full = json.loads(saved.read_text())
-        full["summary"] = report.summarize(full)
-        md, table, svg = report.render(full)
-        (DOCS / "bench" / "ratios.svg").write_text(svg)
-        (DOCS / "benchmarks.md").write_text(md)
+        table = report.rerender(saved)
         log("wrote docs/bench/callgrind.json; re-rendered docs/benchmarks.md from docs/bench/results.json")
     elif not args.no_docs:
         (DOCS / "bench").mkdir(parents=True, exist_ok=True)
