@@ -3,6 +3,7 @@
 Nothing is built here (the Makefile builds the wasm first); missing prerequisites fail loudly.
 Envoy processes are owned by the harness (Popen handle) and stopped by PID, never by name.
 """
+import collections
 import copy
 import http.client
 import json
@@ -688,6 +689,41 @@ def wait_until(pred, timeout=3.0, interval=0.02):
         if v or time.monotonic() > deadline:
             return v
         time.sleep(interval)
+
+
+def open_silent_streams(port, requests, *, deadline_s=60.0):
+    """Opens one HTTP/1.1 connection per raw request in `requests` (each a `x-upstream-mode:
+    silent` stream), sending them back to back like a reconnect herd, then reads the status line
+    of each answer within `deadline_s` in all. Returns (sockets, Counter of status lines, or
+    "closed" / the exception's name for a connection that gave none). The caller closes the
+    sockets (they hold the streams open)."""
+    socks = []
+    try:
+        for raw in requests:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+            s.sendall(raw)
+        deadline = time.monotonic() + deadline_s
+        answers = collections.Counter()
+        for s in socks:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                head = s.recv(64)
+                answers[head.split(b"\r\n", 1)[0].decode("latin-1") or "closed"] += 1
+            except OSError as e:
+                answers[type(e).__name__] += 1
+        return socks, answers
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+
+
+def cluster_pressure(stats, cluster):
+    """The stats that tell why streams of `cluster` got no 200: circuit breakers and connects."""
+    return {k: stats.get(f"envoy_cluster_upstream_{k}", envoy_cluster_name=cluster)
+            for k in ("rq_pending_active", "rq_pending_overflow", "cx_overflow", "cx_connect_timeout",
+                      "cx_connect_fail", "cx_active")}
 
 
 class Stream:

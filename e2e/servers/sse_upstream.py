@@ -70,6 +70,12 @@ class Request:
         return [v for k, v in self.headers if k.lower() == name]
 
 
+# A silent stream's thread sleeps in poll() until its client goes (poll wakes at once on EOF or
+# reset); the timeout only bounds the sleep. Long, so that a thousand idle streams do not wake a
+# thousand threads twice a second in the test process and starve its accept loop.
+IDLE_WAIT_S = 30.0
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -97,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
             if events:
                 if self.connection.recv(1, socket.MSG_PEEK) == b"":  # EOF: client went away
                     return True
-                time.sleep(wait)  # unexpected bytes from the client: ignore, don't spin
+                time.sleep(min(wait, 0.5))  # unexpected bytes from the client: ignore, don't spin
         except OSError:
             return True
         return False
@@ -191,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # again (a body over 64 KiB is let through unheld, see README "Floods").
                 time.sleep(0.2)
                 self._chunk(b"data: after-flood\n\n")
-                while not self._client_gone(0.5):
+                while not self._client_gone(IDLE_WAIT_S):
                     pass
             elif mode == "reset":
                 # half an event, then the connection is torn down without a terminating chunk
@@ -212,10 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
                     pos += size
                     size = 7 + (size * 5) % 17
                     time.sleep(0.003)
-                while not self._client_gone(0.5):
+                while not self._client_gone(IDLE_WAIT_S):
                     pass
             elif mode == "silent":
-                while not self._client_gone(0.5):
+                while not self._client_gone(IDLE_WAIT_S):
                     pass
             else:  # end
                 self.wfile.write(b"0\r\n\r\n")
@@ -230,7 +236,8 @@ _Server = QuietServer
 
 
 class SseUpstream:
-    def __init__(self, host="127.0.0.1", port=0, default_mode="end", interval=1.0, verbose=False):
+    def __init__(self, host="127.0.0.1", port=0, default_mode="end", interval=1.0, verbose=False, backlog=None):
+        self.backlog = backlog  # listen backlog (default QuietServer's 1,024)
         self.host = host
         self.requested_port = port
         self.default_mode = default_mode
@@ -240,11 +247,28 @@ class SseUpstream:
         self._requests = []
         self._httpd = None
 
-    def start(self):
-        self._httpd = _Server((self.host, self.requested_port), _Handler)
+    def start(self, accepting=True):
+        """Listens and, unless `accepting` is False, accepts. Not accepting models a backend that
+        is slow to accept (restarting, paused): its listen queue fills and the kernel drops the
+        SYNs it has no room for, until accept_after()."""
+        server = _Server if self.backlog is None else type("_Server", (_Server,), {"request_queue_size": self.backlog})
+        self._httpd = server((self.host, self.requested_port), _Handler)
         self._httpd.owner = self
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        self._accepting = threading.Event()
+        if accepting:
+            self._accepting.set()
+
+        def serve():
+            self._accepting.wait()
+            self._httpd.serve_forever(poll_interval=0.1)
+        threading.Thread(target=serve, daemon=True).start()
         return self
+
+    def accept_after(self, seconds):
+        """Starts accepting `seconds` from now."""
+        timer = threading.Timer(seconds, self._accepting.set)
+        timer.daemon = True
+        timer.start()
 
     @property
     def port(self):
@@ -252,6 +276,7 @@ class SseUpstream:
 
     def stop(self):
         if self._httpd:
+            self._accepting.set()  # shutdown() waits for serve_forever to run and end
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
