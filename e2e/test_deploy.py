@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+import helpers
 from helpers import ENVOY_BIN, REPO, WASM, Envoy, Stream, free_port, new_token, stop_process, sub_of
 
 try:
@@ -695,6 +696,46 @@ def test_user_hash_front_proxy_is_consistent_and_passes_envoy_validate(tmp_path)
     (rc, out), (bad_rc, bad_out) = envoy_validate([text, yaml.safe_dump(bad)], tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
     assert bad_rc != 0 and f"Required provider ['{name}'] is not configured" in bad_out, bad_out[-3000:]
+
+
+def _seconds(duration):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", str(duration))
+    assert m, f"duration {duration!r}"
+    return float(m[1]) / (1000 if m[2] == "ms" else 1)
+
+
+@pytest.mark.parametrize("path", [REPO / "envoy" / "revenprox.yaml.tmpl", COMPOSE_ENVOY, FRONT_PROXY],
+                         ids=lambda p: p.name)
+def test_every_shipped_route_cluster_carries_long_lived_streams(path, tmp_path):
+    """Every cluster a shipped Envoy config routes requests to carries SSE streams, each one
+    request (over HTTP/1.1 one connection) for as long as it lasts: circuit breakers far above
+    Envoy's default 1,024 (which hung stream 1,025 of the template and capped the fleet behind the
+    front proxy at 1,024), and a connect timeout that outlasts the kernel's SYN retries at 1 s and
+    3 s (1 s answered a reconnect herd 503). The behaviours: e2e test_trust.py
+    test_more_than_1024_streams_through_the_template and
+    test_a_reconnect_herd_waits_for_a_backend_slow_to_accept, test_fleet.py
+    test_user_hash_front_carries_more_than_1024_streams."""
+    if path.suffix == ".tmpl":
+        text = helpers.render_template(tmp_path / "envoy.yaml", listen_port=1, admin_port=2, upstream_port=3,
+                                       webhook_port=4, wasm_path=WASM, plugin_config_obj=helpers.plugin_config(),
+                                       access_log_path=tmp_path / "access.log")
+    else:
+        text = path.read_text()
+    doc = yaml.safe_load(text)
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    routed = {r["route"]["cluster"]
+              for listener in doc["static_resources"]["listeners"]
+              for chain in listener["filter_chains"] for f in chain["filters"]
+              if f["name"] == "envoy.filters.network.http_connection_manager"
+              for vh in f["typed_config"]["route_config"]["virtual_hosts"]
+              for r in vh["routes"] if "cluster" in r.get("route", {})}
+    assert routed, "no routed cluster found"
+    for name in routed:
+        c = clusters[name]
+        assert _seconds(c["connect_timeout"]) >= 3, (name, c["connect_timeout"])
+        (t,) = [t for t in c["circuit_breakers"]["thresholds"] if t.get("priority", "DEFAULT") == "DEFAULT"]
+        for key in ("max_connections", "max_pending_requests", "max_requests"):
+            assert t[key] >= 10_000, (name, key, t.get(key))
 
 
 # --------------------------------------------------------------------------------------------

@@ -316,3 +316,30 @@ def test_round_robin_front_streams_survive_with_server_side_refresh(fleet, webho
         f"{STREAMS - len(alive)} of {STREAMS} streams did not outlive 3 token lifetimes behind a round-robin front "
         f"(refreshes {split(refreshes)}):\n"
         + "\n".join(c.summary() for c in clients if not c.alive))
+
+
+# ------------------------------------------------------------------------------------------------
+# the front carries as many streams as the replicas do
+# ------------------------------------------------------------------------------------------------
+def test_user_hash_front_carries_more_than_1024_streams(fleet, webhook):
+    """1,100 streams of four users opened back to back through the user-hash front: every one is
+    answered 200 and held open on the replicas. Each stream is one long request (over HTTP/1.1,
+    one connection) in the front's replica cluster for as long as it lasts; with Envoy's default
+    circuit breakers (1,024) stream 1,025 would wait forever for its response headers."""
+    front = fleet.front("user_hash")
+    n, per_user = 1100, 275
+    tokens = [mint(u, 600) for u in users("many", n // per_user)]
+    for tok in tokens:
+        webhook.program(tok, Behaviour(verdict=own_expiry))
+    requests = [(f"GET /events/news HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
+                 f"x-upstream-mode: silent\r\n\r\n").encode() for tok in tokens for _ in range(per_user)]
+    open_streams = lambda: sum(r.stats().get("revenprox_open_streams") or 0 for r in fleet.replicas)
+    base = open_streams()
+    socks, answers = helpers.open_silent_streams(front.port, requests)
+    try:
+        assert answers == {"HTTP/1.1 200 OK": n}, (dict(answers), helpers.cluster_pressure(front.stats(), "revenprox_replicas"))
+        assert helpers.wait_until(lambda: open_streams() >= base + n, timeout=10), (open_streams(), base + n)
+    finally:
+        for s in socks:
+            s.close()
+    assert helpers.wait_until(lambda: open_streams() <= base, timeout=20), (open_streams(), base)

@@ -22,6 +22,7 @@ import helpers
 from helpers import Stream, h2_get, marker, new_token, sub_of, wait_until
 from servers.httpbase import QuietServer
 from servers.jwtutil import b64url
+from servers.sse_upstream import SseUpstream
 from servers.webhook import Behaviour, invalid, valid
 from test_core import NEWS, assert_allowed, assert_error, assert_not_forwarded, bearer
 
@@ -282,6 +283,31 @@ def test_more_than_1024_streams_through_the_template(envoys, webhook, upstream):
             s.close()
     assert wait_until(lambda: venv.stats().get("revenprox_open_streams") == 0, timeout=20), (
         f"revenprox_open_streams still {venv.stats().get('revenprox_open_streams')} 20 s after every client left")
+
+
+def test_a_reconnect_herd_waits_for_a_backend_slow_to_accept(webhook):
+    """A backend that accepts nothing for 1.5 s (restarting, paused) while 48 streams arrive at
+    once: its listen queue (32) fills and the kernel drops the other SYNs; Envoy's connect retries
+    them after 1 s (dropped again) and 3 s (accepted). The template's 5 s connect timeout lets
+    every stream through; the 1 s it had answered the 15 or so that did not fit 503."""
+    slow = SseUpstream(backlog=32).start(accepting=False)
+    env = helpers.Envoy(helpers.plugin_config(), webhook_port=webhook.port, upstream_port=slow.port, name="trust-slow-accept")
+    try:
+        env.start()
+        tok = new_token("herd")
+        n = 48
+        request = (f"GET /events/news HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
+                   f"x-upstream-mode: silent\r\n\r\n").encode()
+        slow.accept_after(1.5)
+        socks, answers = helpers.open_silent_streams(env.port, [request] * n, deadline_s=20)
+        try:
+            assert answers == {"HTTP/1.1 200 OK": n}, (dict(answers), helpers.cluster_pressure(env.stats(), "sse_upstream"))
+        finally:
+            for s in socks:
+                s.close()
+    finally:
+        env.stop()
+        slow.stop()
 
 
 # ----------------------------------------------------------------------------------------------
