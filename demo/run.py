@@ -415,7 +415,7 @@ class Demo:
             WEBHOOK_PORT=self.webhook_port, WASM_PATH=str(self.wasm),
             PLUGIN_CONFIG_JSON_STRING=json.dumps(json.dumps(cfg)),
             ACCESS_LOG_PATH=str(self.dir / "access.log"), NORMALIZE_PATH="true",
-            ESCAPED_SLASHES_ACTION="REJECT_REQUEST")
+            ESCAPED_SLASHES_ACTION="REJECT_REQUEST", XFF_NUM_TRUSTED_HOPS=0)
         path = self.dir / "envoy.yaml"
         path.write_text(text)
         return path

@@ -138,8 +138,9 @@ class Fleet:
     def __init__(self, webhook, upstream, n=2, overrides=None, name="fleet"):
         if n < 2:
             raise helpers.HarnessError("a fleet has at least two replicas")
+        # Behind the front, which appends the client's address to X-Forwarded-For.
         self.replicas = [Envoy(plugin_config(overrides), webhook_port=webhook.port, upstream_port=upstream.port,
-                               name=f"{name}-r{i}") for i in range(n)]
+                               name=f"{name}-r{i}", xff_num_trusted_hops=1) for i in range(n)]
         self.fronts = {}
 
     def start(self):

@@ -77,7 +77,7 @@ def plugin_config(overrides=None):
 
 def render_template(out_path, *, listen_port, admin_port, upstream_port, webhook_port, wasm_path,
                     plugin_config_obj, access_log_path, template=TEMPLATE, normalize_path=True,
-                    escaped_slashes_action="REJECT_REQUEST"):
+                    escaped_slashes_action="REJECT_REQUEST", xff_num_trusted_hops=0):
     """Render envoy/revenprox.yaml.tmpl. plugin_config_obj: a dict (JSON-encoded) or a raw str
     (sent as-is, for "not JSON at all" tests).
 
@@ -100,6 +100,7 @@ def render_template(out_path, *, listen_port, admin_port, upstream_port, webhook
         ACCESS_LOG_PATH=str(access_log_path),
         NORMALIZE_PATH="true" if normalize_path else "false",
         ESCAPED_SLASHES_ACTION=escaped_slashes_action,
+        XFF_NUM_TRUSTED_HOPS=int(xff_num_trusted_hops),
     )
     Path(out_path).write_text(text)
     return text
@@ -474,7 +475,7 @@ class Envoy:
 
     def __init__(self, plugin_cfg, *, webhook_port, upstream_port, name="envoy", concurrency=2,
                  wasm=None, leak_check=True, extra_args=(), normalize_path=True,
-                 escaped_slashes_action="REJECT_REQUEST"):
+                 escaped_slashes_action="REJECT_REQUEST", xff_num_trusted_hops=0):
         global _counter
         _counter += 1
         self.name = name
@@ -500,7 +501,8 @@ class Envoy:
         render_template(self.yaml_path, listen_port=self.port, admin_port=self.admin_port,
                         upstream_port=upstream_port, webhook_port=webhook_port, wasm_path=self.wasm,
                         plugin_config_obj=plugin_cfg, access_log_path=self.access_log_path,
-                        normalize_path=normalize_path, escaped_slashes_action=escaped_slashes_action)
+                        normalize_path=normalize_path, escaped_slashes_action=escaped_slashes_action,
+                        xff_num_trusted_hops=xff_num_trusted_hops)
         ALL_ENVOYS.append(self)
 
     # -- process -----------------------------------------------------------------------------

@@ -684,6 +684,8 @@ def test_user_hash_front_proxy_is_consistent_and_passes_envoy_validate(tmp_path)
     assert "request_headers_to_remove" not in route, "route-level removal runs before the hash is taken"
     replicas = clusters[route["route"]["cluster"]]
     assert replicas["lb_policy"] == "RING_HASH" and len(replicas["load_assignment"]["endpoints"][0]["lb_endpoints"]) >= 2
+    # the replicas key per-client fairness on the address this front appends to X-Forwarded-For
+    assert hcm["use_remote_address"] is True and not hcm.get("skip_xff_append")
     # the access log: no query (it may carry ?token=), no Authorization or Cookie
     for log in hcm["access_log"]:
         fmt = log["typed_config"]["log_format"]["text_format_source"]["inline_string"]

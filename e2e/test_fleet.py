@@ -343,3 +343,49 @@ def test_user_hash_front_carries_more_than_1024_streams(fleet, webhook):
         for s in socks:
             s.close()
     assert helpers.wait_until(lambda: open_streams() <= base, timeout=20), (open_streams(), base)
+
+
+# ------------------------------------------------------------------------------------------------
+# behind the front, each client is still its own client
+# ------------------------------------------------------------------------------------------------
+def test_behind_the_front_one_client_cannot_lock_out_the_others(webhook, upstream):
+    """The replicas key per-client fairness and per-client circuits on the client's address. Behind
+    the front that must still be the client's address, not the front's (every user would share one
+    budget and one circuit) and not one a client names in X-Forwarded-For. mallory (127.0.0.4),
+    claiming 127.0.0.5 in X-Forwarded-For, sends tokens the webhook fails on until her circuit
+    opens on the replica that holds her user; then 20 other users from 127.0.0.5 (sending that
+    address in X-Forwarded-For too, as a client behind its own proxy does), spread over both
+    replicas, are all served. Fails with either half of the setup missing: a front that does not
+    append the peer (mallory's claim is believed) or replicas that trust no hop (everyone is the
+    front)."""
+    f = Fleet(webhook, upstream, n=2, name="fleet-clients",
+              overrides={"jwt_verifier": {"circuit_breaker_threshold": 5, "circuit_breaker_timeout_sec": 60,
+                                          "retry_attempts": 0}}).start()
+    try:
+        front = f.front("user_hash")
+        bad = [mint("mallory", 600) for _ in range(8)]
+        for tok in bad:
+            webhook.program(tok, Behaviour(status=500))
+        refused = [helpers.http1_request(front.port, "/events/news", {"Authorization": f"Bearer {tok}",
+                                                                     "X-Forwarded-For": "127.0.0.5"},
+                                         source="127.0.0.4").status for tok in bad]
+        assert set(refused) == {503}, refused
+        opened = [r.stats().get("revenprox_client_circuit_opened") or 0 for r in f.replicas]
+        assert sum(opened) >= 1, opened
+        mallory_replica = opened.index(max(opened))
+        served, markers = [], []
+        for user in [f"victim-{i:02d}" for i in range(20)]:
+            tok, m = mint(user, 600), marker()
+            webhook.program(tok, Behaviour(verdict=own_expiry))
+            markers.append(m)
+            # X-Forwarded-For as a client behind its own proxy sends it: the address mallory claimed
+            served.append(helpers.http1_request(front.port, f"/events/news?{m}", {"Authorization": f"Bearer {tok}",
+                                                                                 "X-Forwarded-For": "127.0.0.5"},
+                                                source="127.0.0.5").status)
+        at = f.replicas_of(markers)
+        on_mallorys = sum(1 for m in markers if at[m] == [mallory_replica])
+        assert on_mallorys >= 1, f"no victim landed on mallory's replica: {at}"
+        assert served == [200] * 20, (served, f"{on_mallorys} victims on mallory's replica")
+        assert all((r.stats().get("revenprox_circuit_state") or 0) == 0 for r in f.replicas)
+    finally:
+        f.stop()

@@ -57,7 +57,7 @@ def render_template_dict(wasm_path=WASM_IN_CONTAINER, access_log="/dev/stdout", 
         LISTEN_PORT=p["PORT"], ADMIN_PORT=p["ADMIN_PORT"], UPSTREAM_PORT=p["UPSTREAM_PORT"],
         WEBHOOK_PORT=p["WEBHOOK_PORT"], WASM_PATH=wasm_path,
         PLUGIN_CONFIG_JSON_STRING=json.dumps(json.dumps(cfg)), ACCESS_LOG_PATH=access_log,
-        NORMALIZE_PATH="true", ESCAPED_SLASHES_ACTION="REJECT_REQUEST")
+        NORMALIZE_PATH="true", ESCAPED_SLASHES_ACTION="REJECT_REQUEST", XFF_NUM_TRUSTED_HOPS=0)
     return yaml.safe_load(text)
 
 
