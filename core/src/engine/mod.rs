@@ -411,10 +411,10 @@ fn misrouted_refresh<S: SharedStore + ?Sized>(
 /// Header names an upstream might take for the same variable: equal ignoring ASCII case, with
 /// `-`, `_` and `.` alike.
 fn same_header_name(a: &str, b: &str) -> bool {
-    let fold = |c: u8| match c {
-        b'_' | b'.' => b'-',
-        other => other.to_ascii_lowercase(),
-    };
+    // ASCII case and every byte that is not a letter or digit alike: CGI/WSGI/Rack/PHP fold `-`
+    // and `_`, lighttpd's CGI/FastCGI/SCGI environment every other character (`x~user`,
+    // `x+user`, `x!user` are all HTTP_X_USER there).
+    let fold = |c: u8| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { b'-' };
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
