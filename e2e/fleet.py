@@ -61,14 +61,18 @@ def _front_provider(doc):
 ISSUER = _front_provider(yaml.safe_load(FRONT_FILE.read_text()))[1]["issuer"]
 
 
-def front_config(policy, replica_ports, *, port, admin_port, access_log):
-    """The front's Envoy config for this host (see the module docstring)."""
+def front_config(policy, replica_ports, *, port, admin_port, access_log, behind_lb=False):
+    """The front's Envoy config for this host (see the module docstring). behind_lb: the front
+    sits behind a load balancer that appends the client's address, configured as the front
+    file's comment says (xff_num_trusted_hops: 1)."""
     if policy not in POLICIES:
         raise helpers.HarnessError(f"front policy: one of {POLICIES}, got {policy!r}")
     doc = yaml.safe_load(FRONT_FILE.read_text())
     doc["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
     doc["static_resources"]["listeners"][0]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
     hcm = _front_hcm(doc)
+    if behind_lb:
+        hcm["xff_num_trusted_hops"] = 1
     for log in hcm["access_log"]:
         log["typed_config"]["path"] = str(access_log)
     (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
@@ -112,7 +116,7 @@ class FrontEnvoy(Envoy):
     """The front proxy: a helpers.Envoy whose config is front_config() instead of the template
     (same process handling, logs, admin and stats)."""
 
-    def __init__(self, policy, replica_ports, *, name=None, concurrency=2):
+    def __init__(self, policy, replica_ports, *, name=None, concurrency=2, behind_lb=False):
         self.name = name or f"front-{policy}"
         self.policy = policy
         self.dir = run_dir() / f"{self.name}-{uuid.uuid4().hex[:6]}"
@@ -129,18 +133,23 @@ class FrontEnvoy(Envoy):
         self.proc = None
         self._logf = None
         doc = front_config(policy, replica_ports, port=self.port, admin_port=self.admin_port,
-                           access_log=self.access_log_path)
+                           access_log=self.access_log_path, behind_lb=behind_lb)
         self.yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         helpers.ALL_ENVOYS.append(self)
 
 
 class Fleet:
-    def __init__(self, webhook, upstream, n=2, overrides=None, name="fleet"):
+    def __init__(self, webhook, upstream, n=2, overrides=None, name="fleet", behind_lb=False):
+        """behind_lb: the front sits behind a load balancer that appends the client's address to
+        X-Forwarded-For (tests connect from the balancer's address and send what it would): the
+        front trusts that one hop and the replicas two, as the front file's comment says."""
         if n < 2:
             raise helpers.HarnessError("a fleet has at least two replicas")
-        # Behind the front, which appends the client's address to X-Forwarded-For.
+        self.behind_lb = behind_lb
+        # Behind the front, which appends the client's address to X-Forwarded-For (and behind the
+        # balancer, which appended it before).
         self.replicas = [Envoy(plugin_config(overrides), webhook_port=webhook.port, upstream_port=upstream.port,
-                               name=f"{name}-r{i}", xff_num_trusted_hops=1) for i in range(n)]
+                               name=f"{name}-r{i}", xff_num_trusted_hops=2 if behind_lb else 1) for i in range(n)]
         self.fronts = {}
 
     def start(self):
@@ -158,7 +167,7 @@ class Fleet:
         """The running front for `policy` (started on first use)."""
         env = self.fronts.get(policy)
         if env is None or not env.alive:
-            env = FrontEnvoy(policy, [r.port for r in self.replicas])
+            env = FrontEnvoy(policy, [r.port for r in self.replicas], behind_lb=self.behind_lb)
             self.fronts[policy] = env
             env.spawn()
             wait_ready(env)

@@ -348,27 +348,39 @@ def test_user_hash_front_carries_more_than_1024_streams(fleet, webhook):
 # ------------------------------------------------------------------------------------------------
 # behind the front, each client is still its own client
 # ------------------------------------------------------------------------------------------------
-def test_behind_the_front_one_client_cannot_lock_out_the_others(webhook, upstream):
+LB = "127.0.0.4"  # the load balancer's address, when there is one
+
+
+@pytest.mark.parametrize("behind_lb", [False, True], ids=["clients-at-the-front", "front-behind-a-balancer"])
+def test_behind_the_front_one_client_cannot_lock_out_the_others(webhook, upstream, behind_lb):
     """The replicas key per-client fairness and per-client circuits on the client's address. Behind
     the front that must still be the client's address, not the front's (every user would share one
-    budget and one circuit) and not one a client names in X-Forwarded-For. mallory (127.0.0.4),
-    claiming 127.0.0.5 in X-Forwarded-For, sends tokens the webhook fails on until her circuit
-    opens on the replica that holds her user; then 20 other users from 127.0.0.5 (sending that
+    budget and one circuit) and not one a client names in X-Forwarded-For. mallory (127.0.0.5),
+    claiming 127.0.0.6 in X-Forwarded-For, sends tokens the webhook fails on until her circuit
+    opens on the replica that holds her user; then 20 other users from 127.0.0.6 (sending that
     address in X-Forwarded-For too, as a client behind its own proxy does), spread over both
-    replicas, are all served. Fails with either half of the setup missing: a front that does not
-    append the peer (mallory's claim is believed) or replicas that trust no hop (everyone is the
-    front)."""
-    f = Fleet(webhook, upstream, n=2, name="fleet-clients",
+    replicas, are all served. Fails with any part of the setup missing: a front that does not
+    append the peer (mallory's claim is believed) or replicas that trust one hop too few (everyone
+    is the front, or the balancer). With a balancer (127.0.0.4) before the front, the requests
+    come from it with the client's address appended, and the front and replicas are set up as
+    the front file's comment says (one hop more on each side)."""
+    f = Fleet(webhook, upstream, n=2, name="fleet-clients", behind_lb=behind_lb,
               overrides={"jwt_verifier": {"circuit_breaker_threshold": 5, "circuit_breaker_timeout_sec": 60,
                                           "retry_attempts": 0}}).start()
+
+    def send(path, tok, client, claimed):
+        """A request of `client` that says X-Forwarded-For: `claimed`, directly or through the
+        balancer (which appends the client's address and connects from its own)."""
+        xff, source = (f"{claimed}, {client}", LB) if behind_lb else (claimed, client)
+        return helpers.http1_request(front.port, path, {"Authorization": f"Bearer {tok}", "X-Forwarded-For": xff},
+                                     source=source).status
+
     try:
         front = f.front("user_hash")
         bad = [mint("mallory", 600) for _ in range(8)]
         for tok in bad:
             webhook.program(tok, Behaviour(status=500))
-        refused = [helpers.http1_request(front.port, "/events/news", {"Authorization": f"Bearer {tok}",
-                                                                     "X-Forwarded-For": "127.0.0.5"},
-                                         source="127.0.0.4").status for tok in bad]
+        refused = [send("/events/news", tok, "127.0.0.5", claimed="127.0.0.6") for tok in bad]
         assert set(refused) == {503}, refused
         opened = [r.stats().get("revenprox_client_circuit_opened") or 0 for r in f.replicas]
         assert sum(opened) >= 1, opened
@@ -378,10 +390,7 @@ def test_behind_the_front_one_client_cannot_lock_out_the_others(webhook, upstrea
             tok, m = mint(user, 600), marker()
             webhook.program(tok, Behaviour(verdict=own_expiry))
             markers.append(m)
-            # X-Forwarded-For as a client behind its own proxy sends it: the address mallory claimed
-            served.append(helpers.http1_request(front.port, f"/events/news?{m}", {"Authorization": f"Bearer {tok}",
-                                                                                 "X-Forwarded-For": "127.0.0.5"},
-                                                source="127.0.0.5").status)
+            served.append(send(f"/events/news?{m}", tok, "127.0.0.6", claimed="127.0.0.6"))
         at = f.replicas_of(markers)
         on_mallorys = sum(1 for m in markers if at[m] == [mallory_replica])
         assert on_mallorys >= 1, f"no victim landed on mallory's replica: {at}"
