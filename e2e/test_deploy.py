@@ -517,7 +517,8 @@ def test_istio_manifests_are_consistent():
     assert jwt_rule["forwardOriginalToken"] is True, "Istio strips the token RevenProx needs otherwise"
     # the token locations are RevenProx's (contract "Token"); tickets are opaque, never a JWT rule's
     channels = contract_config()["token"]
-    assert jwt_rule["fromHeaders"] == [{"name": "Authorization", "prefix": "Bearer "}]
+    assert jwt_rule["fromHeaders"] == [{"name": "Authorization", "prefix": f"{scheme} "}
+                                       for scheme in ("Bearer", "bearer", "BEARER")]
     assert jwt_rule["fromParams"] == channels["query_params"] and jwt_rule["fromCookies"] == [channels["cookie"]]
     assert not set(jwt_rule["fromParams"]) & set(channels["ticket_params"])
     # on the gateway that makes the routing decision, not on the SSE pods
@@ -668,7 +669,8 @@ def test_user_hash_front_proxy_is_consistent_and_passes_envoy_validate(tmp_path)
     assert provider["forward"] is True, "the token must reach RevenProx"
     assert provider["claim_to_headers"] == [{"header_name": ROUTE_HEADER, "claim_name": "sub"}]
     channels = contract_config()["token"]
-    assert provider["from_headers"] == [{"name": "Authorization", "value_prefix": "Bearer "}]
+    assert provider["from_headers"] == [{"name": "Authorization", "value_prefix": f"{scheme} "}
+                                        for scheme in ("Bearer", "bearer", "BEARER")]
     assert provider["from_params"] == channels["query_params"] and provider["from_cookies"] == [channels["cookie"]]
     assert "forward_payload_header" not in provider and "pad_forward_payload_header" not in provider
     (rule,) = jwt["rules"]

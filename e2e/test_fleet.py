@@ -398,3 +398,19 @@ def test_behind_the_front_one_client_cannot_lock_out_the_others(webhook, upstrea
         assert all((r.stats().get("revenprox_circuit_state") or 0) == 0 for r in f.replicas)
     finally:
         f.stop()
+
+
+@pytest.mark.parametrize("authorization", ["Bearer {}", "bearer {}", "BEARER {}", "Bearer  {}"])
+def test_user_hash_front_routes_every_common_scheme_spelling_by_user(fleet, webhook, upstream, authorization):
+    """RevenProx takes `Authorization: <scheme> <jwt>` with the scheme in any case; a refresh
+    that `fetch` sends as `bearer <jwt>` must reach the user's replica like `Bearer` does, so the
+    front's jwt_authn must find the token in it (its prefix match is case-sensitive: lowercase and
+    uppercase were routed by source IP, and some refreshes landed on the other replica: 403)."""
+    front = fleet.front("user_hash")
+    user = f"scheme-{uuid.uuid4().hex[:6]}"
+    tok, m = mint(user, 600), marker()
+    webhook.program(tok, Behaviour(verdict=own_expiry))
+    r = http1_request(front.port, f"/events/news?{m}", {"Authorization": authorization.format(tok)})
+    assert r.status == 200, r
+    (seen,) = upstream.requests_containing(m)
+    assert [v for k, v in seen.headers if k.lower() == ROUTE_HEADER] == [user], seen.headers
