@@ -4,6 +4,7 @@
 //! message starts with the dotted path of the offending key (`jwt_verifier.timeout_ms: ...`), so
 //! the one log line Envoy shows names what to fix. Every key is optional; defaults are the seed's.
 
+use crate::header_name;
 use crate::logline::Level;
 use serde_json::{Map, Value};
 
@@ -351,6 +352,27 @@ fn is_param_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
 }
 
+/// Headers `user_header` may not name (in any folded spelling; nor any `x-envoy-*`): the
+/// credential channels, what framing and routing depend on, hop-by-hop headers, and the client
+/// address headers per-client fairness may read.
+const RESERVED_HEADERS: [&str; 15] = [
+    "authorization",
+    "cookie",
+    "host",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+];
+
 fn is_header_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
 }
@@ -503,8 +525,11 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
     if !is_header_name(&user_header) {
         return err("user_header", format_args!("{user_header:?} is not a valid header name"));
     }
-    if ["authorization", "cookie", "host", "content-type", "content-length", "transfer-encoding"]
-        .contains(&user_header.as_str())
+    // Compared as upstreams read names (`content_type` is Content-Type to a CGI app): the filter
+    // removes every client header that folds to user_header, so a reserved name in any spelling
+    // would strip that header from every request.
+    if RESERVED_HEADERS.iter().any(|r| header_name::same(&user_header, r))
+        || header_name::starts_with(&user_header, "x-envoy-")
     {
         return err("user_header", format_args!("{user_header:?} is a reserved header"));
     }
@@ -728,6 +753,36 @@ mod tests {
     fn cache_can_be_turned_off() {
         let c = parse_str(r#"{"jwt_verifier":{"webhook_url":"http://a/v","webhook_cluster":"a","cache_ttl_sec":0,"cache_max_size":0}}"#).unwrap();
         assert!(!c.verifier.cache_enabled());
+    }
+
+    #[test]
+    fn user_header_may_not_name_a_reserved_header_in_any_spelling() {
+        // The filter removes every client header that folds to user_header: `content_type`
+        // would have stripped Content-Type from every request.
+        for name in [
+            "content_type",
+            "Content_Length",
+            "transfer_encoding",
+            "x_forwarded_for",
+            "Connection",
+            "upgrade",
+            "x-envoy-original-path",
+            "x_envoy_internal",
+            "authorization",
+            "COOKIE",
+        ] {
+            let cfg = format!(
+                r#"{{"jwt_verifier":{{"webhook_url":"http://a/v","webhook_cluster":"a"}},"user_header":"{name}"}}"#
+            );
+            let e = parse_str(&cfg).err().unwrap_or_else(|| panic!("{name} accepted"));
+            assert!(e.0.starts_with("user_header: ") && e.0.contains("reserved"), "{name}: {e}");
+        }
+        for name in ["x-user", "x_user_id", "x-envoyer", "content-typed"] {
+            let cfg = format!(
+                r#"{{"jwt_verifier":{{"webhook_url":"http://a/v","webhook_cluster":"a"}},"user_header":"{name}"}}"#
+            );
+            assert!(parse_str(&cfg).is_ok(), "{name}");
+        }
     }
 
     #[test]

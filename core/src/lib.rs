@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod header_name;
 pub mod logline;
 pub mod resilience;
 pub mod shared;

@@ -20,6 +20,7 @@ pub use streams::ChunkReader;
 use crate::auth::gate::{self, Step};
 use crate::auth::reply::{Code, Reply};
 use crate::config::Config;
+use crate::header_name;
 use crate::resilience::flight::Purpose;
 use crate::shared::{self, SharedStore};
 use crate::sse::{presence, refresh};
@@ -296,7 +297,7 @@ fn request<S: SharedStore + ?Sized>(
     // The identity header is ours alone, in every spelling an upstream might fold into it (CGI,
     // WSGI, Rack and PHP read `x_user`, `X-User` and `x.user` as the same variable).
     for (name, _) in headers {
-        if same_header_name(name, &cfg.user_header) {
+        if header_name::same(name, &cfg.user_header) {
             io.out.push(Effect::RemoveRequestHeader { ctx, name: name.clone() });
         }
     }
@@ -406,16 +407,6 @@ fn misrouted_refresh<S: SharedStore + ?Sized>(
     );
     io.log(Level::Info, line);
     true
-}
-
-/// Header names an upstream might take for the same variable: equal ignoring ASCII case, with
-/// `-`, `_` and `.` alike.
-fn same_header_name(a: &str, b: &str) -> bool {
-    // ASCII case and every byte that is not a letter or digit alike: CGI/WSGI/Rack/PHP fold `-`
-    // and `_`, lighttpd's CGI/FastCGI/SCGI environment every other character (`x~user`,
-    // `x+user`, `x!user` are all HTTP_X_USER there).
-    let fold = |c: u8| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { b'-' };
-    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
 /// What a request the filter forwards loses first (every forwarded request: verified, passed, or
