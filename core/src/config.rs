@@ -355,7 +355,7 @@ fn is_param_name(s: &str) -> bool {
 /// Headers `user_header` may not name (in any folded spelling; nor any `x-envoy-*`): the
 /// credential channels, what framing and routing depend on, hop-by-hop headers, and the client
 /// address headers per-client fairness may read.
-const RESERVED_HEADERS: [&str; 15] = [
+pub const RESERVED_HEADERS: [&str; 15] = [
     "authorization",
     "cookie",
     "host",
