@@ -693,9 +693,16 @@ def wait_until(pred, timeout=3.0, interval=0.02):
         time.sleep(interval)
 
 
+def silent_stream_request(token, topic="news"):
+    """The raw HTTP/1.1 request of a stream on `topic` with `token` that the test upstream holds
+    open sending nothing (`x-upstream-mode: silent`)."""
+    return (f"GET /events/{topic} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"x-upstream-mode: silent\r\n\r\n").encode()
+
+
 def open_silent_streams(port, requests, *, deadline_s=60.0):
-    """Opens one HTTP/1.1 connection per raw request in `requests` (each a `x-upstream-mode:
-    silent` stream), sending them back to back like a reconnect herd, then reads the status line
+    """Opens one HTTP/1.1 connection per raw request in `requests` (each a
+    silent_stream_request()), sending them back to back like a reconnect herd, then reads the status line
     of each answer within `deadline_s` in all. Returns (sockets, Counter of status lines, or
     "closed" / the exception's name for a connection that gave none). The caller closes the
     sockets (they hold the streams open)."""

@@ -331,8 +331,7 @@ def test_user_hash_front_carries_more_than_1024_streams(fleet, webhook):
     tokens = [mint(u, 600) for u in users("many", n // per_user)]
     for tok in tokens:
         webhook.program(tok, Behaviour(verdict=own_expiry))
-    requests = [(f"GET /events/news HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
-                 f"x-upstream-mode: silent\r\n\r\n").encode() for tok in tokens for _ in range(per_user)]
+    requests = [helpers.silent_stream_request(tok) for tok in tokens for _ in range(per_user)]
     open_streams = lambda: sum(r.stats().get("revenprox_open_streams") or 0 for r in fleet.replicas)
     base = open_streams()
     socks, answers = helpers.open_silent_streams(front.port, requests)

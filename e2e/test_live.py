@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from helpers import Stream, marker, new_token, plugin_config, wait_until
+from helpers import Stream, marker, new_token, plugin_config, silent_stream_request, wait_until
 from servers.jwtutil import topic_id
 from servers.webhook import Behaviour, invalid, valid
 from test_core import _worker_cx, assert_error, bearer
@@ -500,8 +500,7 @@ class Churn:
             # The client is gone before (or while) the response starts: any state must give the slot back.
             self._slot_free(time.monotonic())
             sock = socket.create_connection(("127.0.0.1", self.env.port), timeout=5)
-            sock.sendall(f"GET /events/{topic} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {self.token}\r\n"
-                         f"x-upstream-mode: silent\r\n\r\n".encode())
+            sock.sendall(silent_stream_request(self.token, topic))
             _linger_reset(sock)
             sock.close()
         elif way == "h2_cancel":

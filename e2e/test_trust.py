@@ -277,9 +277,7 @@ def test_more_than_1024_streams_through_the_template(envoys, webhook, upstream):
     venv = envoys.get({}, name="trust-1100")
     tok = new_token("many")
     n = 1100
-    request = (f"GET /events/news HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
-               f"x-upstream-mode: silent\r\n\r\n").encode()
-    socks, answers = helpers.open_silent_streams(venv.port, [request] * n)
+    socks, answers = helpers.open_silent_streams(venv.port, [helpers.silent_stream_request(tok)] * n)
     try:
         assert answers == {"HTTP/1.1 200 OK": n}, (dict(answers), helpers.cluster_pressure(venv.stats(), "sse_upstream"))
         assert wait_until(lambda: venv.stats().get("revenprox_open_streams") >= n, timeout=10), (
@@ -302,10 +300,8 @@ def test_a_reconnect_herd_waits_for_a_backend_slow_to_accept(webhook):
         env.start()
         tok = new_token("herd")
         n = 48
-        request = (f"GET /events/news HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
-                   f"x-upstream-mode: silent\r\n\r\n").encode()
         slow.accept_after(1.5)
-        socks, answers = helpers.open_silent_streams(env.port, [request] * n, deadline_s=20)
+        socks, answers = helpers.open_silent_streams(env.port, [helpers.silent_stream_request(tok)] * n, deadline_s=20)
         try:
             assert answers == {"HTTP/1.1 200 OK": n}, (dict(answers), helpers.cluster_pressure(env.stats(), "sse_upstream"))
         finally:
