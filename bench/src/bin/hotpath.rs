@@ -109,8 +109,6 @@ thread_local! {
     static ENGINE: std::cell::RefCell<Option<Engine<MemStore>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The shipped engine's request path for a token in its local cache: gate, local LRU hit,
-/// identity and credential effects, as `on_http_request_headers` runs it (host calls excluded).
 /// The request headers of the fixture's handshake, as the host hands them to the engine.
 fn request_headers(f: &Fixture) -> Vec<(String, Vec<u8>)> {
     vec![
@@ -120,6 +118,8 @@ fn request_headers(f: &Fixture) -> Vec<(String, Vec<u8>)> {
     ]
 }
 
+/// The shipped engine's request path for a token in its local cache: gate, local LRU hit,
+/// identity and credential effects, as `on_http_request_headers` runs it (host calls excluded).
 fn engine_cache_hit(f: &Fixture, now_ms: u64) -> u64 {
     ENGINE.with(|cell| {
         let mut slot = cell.borrow_mut();
